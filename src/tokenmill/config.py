@@ -1,0 +1,239 @@
+"""Engine and model configuration (validated dataclasses)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters of a Llama-family decoder (our own names, from HF config or GGUF)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    # per layer: None (full attention) or the window size in tokens
+    sliding_windows: list[int | None] = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sliding_windows:
+            self.sliding_windows = [None] * self.num_layers
+        if len(self.sliding_windows) != self.num_layers:
+            raise ValueError("sliding_windows must have one entry per layer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def num_params(self) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        per_layer = attn + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
+        arch = archs[0]
+        n_layers = cfg["num_hidden_layers"]
+        n_heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        head_dim = cfg.get("head_dim") or hidden // n_heads
+        # transformers >= 5 stores rope settings in rope_parameters; older configs use rope_theta/rope_scaling
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or None
+        if scaling:
+            rope.update(scaling)
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        windows = sliding_windows_from_hf(cfg, n_layers)
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        tie = cfg.get("tie_word_embeddings")
+        if tie is None:
+            tie = arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=n_layers,
+            num_heads=n_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(tie),
+            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            sliding_windows=windows,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"model directory {path!r} has no config.json ({cfg_path})")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corrupt config file {cfg_path}: {e}") from e
+        return cls.from_hf_config(cfg)
+
+
+def sliding_windows_from_hf(cfg: dict[str, Any], n_layers: int) -> list[int | None]:
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types")
+    if cfg.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in (cfg.get("architectures") or []):
+        if not cfg.get("use_sliding_window", False):
+            window = None
+        if layer_types is None and window is not None:
+            first = cfg.get("max_window_layers", n_layers)
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if window is None:
+        return [None] * n_layers
+    if layer_types is None:
+        return [int(window)] * n_layers
+    return [int(window) if t == "sliding_attention" else None for t in layer_types]
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    # Explicit KV-cache budget in bytes; if None, use `memory_fraction` of available memory.
+    kv_cache_bytes: int | None = None
+    # CPU: fraction of currently available RAM; CUDA: fraction of total device memory for
+    # weights + activations + KV cache (the KV cache gets what is left after a warm-up pass).
+    memory_fraction: float = 0.3
+    num_blocks: int | None = None  # overrides the budget (tests)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to start. `model` is a HF directory or a .gguf file; None means
+    the embedded SmolLM2-135M-Instruct."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    memory_fraction: float = 0.3
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        self.cache = CacheConfig(
+            block_size=self.block_size,
+            kv_cache_bytes=self.kv_cache_bytes,
+            memory_fraction=self.memory_fraction,
+            num_blocks=self.num_blocks,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+        self.scheduler = SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cpu":
+            # bf16 matmuls are several times faster than fp32 on CPUs with AVX512-BF16/AMX; fp16 on CPU is slow.
+            return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        ckpt = DTYPES.get(str(model_cfg.torch_dtype).replace("torch.", ""), torch.bfloat16)
+        if ckpt == torch.float32:
+            return torch.bfloat16
+        return ckpt
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return math.ceil(num_tokens / block_size)

@@ -1,0 +1,146 @@
+"""Paged KV blocks: allocation with reference counts, copy-on-write forks, and a prefix cache over full blocks.
+
+Prefix cache: each full block is keyed by (key of the previous block, its token ids). The dict compares the token
+tuple exactly, so a hash collision can never hand out the wrong block. Cached blocks whose reference count drops to
+zero stay cached in an LRU and are evicted only when a free block is needed.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from .sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.cached: dict[tuple, int] = {}  # prefix key -> block id
+        self.block_key: dict[int, tuple] = {}  # block id -> its prefix key (cached blocks only)
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, LRU order
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies for copy-on-write
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found
+
+    # ---- accounting ------------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks) + len(self.evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def _take_block(self) -> int:
+        if self.free_blocks:
+            block = self.free_blocks.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.cached[self.block_key.pop(block)]
+        self.ref_counts[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            if block in self.block_key:
+                self.evictable[block] = None
+            else:
+                self.free_blocks.append(block)
+
+    # ---- sequence operations ---------------------------------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attaches cached blocks for the longest cached prefix of a sequence that has no blocks yet.
+        Returns the number of tokens found. At least one token is always left to compute (for its logits)."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        # Prompt logprobs need the logits of every prompt position, so such requests compute them all.
+        if not self.enable_prefix_caching or seq.group.params.prompt_logprobs is not None:
+            return 0
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        self.prefix_queries += seq.num_tokens
+        key: tuple | None = None
+        for i in range(max_blocks):
+            key = (hash(key), tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            block = self.cached.get(key)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.evictable[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_keys.append(key)
+        hit = len(seq.block_table) * bs
+        self.prefix_hits += hit
+        seq.num_computed_tokens = hit
+        return hit
+
+    def blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        need = -(-total // self.block_size) - len(seq.block_table)
+        return max(need, 0) + (1 if self._needs_cow(seq, num_new_tokens) else 0)
+
+    def _needs_cow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        first = seq.num_computed_tokens // self.block_size  # block the first new token is written to
+        return num_new_tokens > 0 and first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
+        """Makes room for `num_new_tokens` more tokens after the computed ones. All or nothing: returns False and
+        changes nothing when fewer than the needed blocks (+ `reserve`) are free."""
+        if self.blocks_to_append(seq, num_new_tokens) + reserve > self.num_free_blocks:
+            return False
+        if self._needs_cow(seq, num_new_tokens):
+            idx = seq.num_computed_tokens // self.block_size
+            old = seq.block_table[idx]
+            new = self._take_block()
+            self.pending_copies.append((old, new))
+            self._release(old)
+            seq.block_table[idx] = new
+        total = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) * self.block_size < total:
+            seq.block_table.append(self._take_block())
+        return True
+
+    def commit_computed(self, seq: Sequence) -> None:
+        """Registers the sequence's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(seq.num_computed_tokens, seq.num_tokens) // bs
+        key = seq.block_keys[-1] if seq.block_keys else None
+        for i in range(len(seq.block_keys), full):
+            key = (hash(key), tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            seq.block_keys.append(key)
+            block = seq.block_table[i]
+            if key not in self.cached and block not in self.block_key:
+                self.cached[key] = block
+                self.block_key[block] = key
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares all of the parent's blocks; the first write to a shared block copies it."""
+        child.block_table = list(parent.block_table)
+        child.block_keys = list(parent.block_keys)
+        child.num_computed_tokens = parent.num_computed_tokens
+        for block in child.block_table:
+            self.ref_counts[block] += 1
+
+    def free(self, seq: Sequence) -> None:
+        # Release in reverse so that, among evictable blocks, a sequence's tail goes before its shared head.
+        for block in reversed(seq.block_table):
+            self._release(block)
+        seq.block_table = []
+        seq.block_keys = []
+        seq.num_computed_tokens = 0
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def reset_prefix_cache(self) -> None:
+        for block in list(self.evictable):
+            del self.cached[self.block_key.pop(block)]
+            self.free_blocks.append(block)
+        self.evictable.clear()

@@ -1,0 +1,321 @@
+"""LLMEngine: add_request / abort_request / step. One step = schedule, run the model once, sample, detokenise,
+check stop conditions, and report what changed."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from ..config import EngineConfig, blocks_needed
+from ..model.loader import iter_weights, load_model_config, resolve_model_path
+from ..model.registry import model_class
+from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampler import Sampler, SamplingRow, compute_logprobs
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceGroup, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model_path = resolve_model_path(config.model)
+        self.model_config = cfg = load_model_config(self.model_path)
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(cfg, self.device)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's context of {cfg.max_position_embeddings}"
+            )
+
+        t0 = time.perf_counter()
+        cls = model_class(cfg)
+        with torch.device(self.device):
+            model = cls(cfg, max_positions=self.max_model_len)
+        model = model.to(self.dtype)
+        model.load_weights(iter_weights(self.model_path))
+        self.model = model.eval()
+        self.tokenizer = Tokenizer.from_path(config.tokenizer or self.model_path)
+        logger.info("loaded %s (%s, %s) in %.1fs", self.model_path, cfg.architecture, self.dtype, time.perf_counter() - t0)
+
+        self.runner = ModelRunner(model, cfg, self.device, self.dtype)
+        cache = config.cache
+        num_blocks = self.runner.profile_num_blocks(cache, config.max_num_seqs * self.max_model_len)
+        capacity = num_blocks * cache.block_size
+        if self.max_model_len > capacity:
+            if config.max_model_len:
+                raise ValueError(
+                    f"max_model_len {self.max_model_len} needs {blocks_needed(self.max_model_len, cache.block_size)} "
+                    f"KV blocks but the cache budget holds only {num_blocks}; raise the budget or lower max_model_len"
+                )
+            logger.warning("max_model_len lowered from %d to the KV-cache capacity %d", self.max_model_len, capacity)
+            self.max_model_len = capacity
+        self.runner.allocate_kv_cache(num_blocks, cache.block_size)
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.groups: dict[str, SequenceGroup] = {}
+        self._seq_ids = itertools.count()
+        self._finished_outside_step: list[RequestOutput] = []
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("a request needs a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        n = len(prompt_token_ids)
+        if n > self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens, more than the model's context length of {self.max_model_len} tokens"
+            )
+        group = SequenceGroup(request_id, prompt, prompt_token_ids, params, arrival_time or time.monotonic())
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        group.seqs.append(self._new_sequence(group, 0, list(prompt_token_ids)))
+        self.groups[request_id] = group
+        self.scheduler.add(group.seqs[0])
+        self.num_prompt_tokens += n
+
+    def _new_sequence(self, group: SequenceGroup, index: int, token_ids: list[int]) -> Sequence:
+        params = group.params
+        gen = None
+        if params.seed is not None:
+            # Each parallel sample gets its own stream; sample 0 uses the seed itself.
+            seed = params.seed if index == 0 else hash((params.seed, index))
+            gen = torch.Generator(device=self.device).manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        seq = Sequence(next(self._seq_ids), group, index, token_ids, len(group.prompt_token_ids), gen)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        return seq
+
+    def abort_request(self, request_id: str, reason: str = "abort") -> bool:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self._finish(seq, reason)
+        group.finished_time = time.monotonic()
+        self._finished_outside_step.append(self._make_output(group))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups) or bool(self._finished_outside_step)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self._check_timeouts()
+        outputs, self._finished_outside_step = self._finished_outside_step, []
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return outputs
+        now = time.monotonic()
+        touched: dict[str, SequenceGroup] = {}
+        for seq, _ in sched.scheduled:
+            g = seq.group
+            if g.first_scheduled_time is None:
+                g.first_scheduled_time = now
+            touched[g.request_id] = g
+
+        logits, layout = self.runner.execute(sched.scheduled, sched.block_copies)
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+            self.block_manager.commit_computed(seq)
+
+        if layout.prompt_rows:
+            self._record_prompt_logprobs(logits, layout.prompt_rows, sched.scheduled)
+
+        # Gather the rows to sample; a request with n > 1 forks after its prompt, all samples sharing the logits.
+        row_seqs: list[Sequence] = []
+        row_index: list[int] = []
+        for seq, _ in sched.scheduled:
+            row = layout.sample_rows.get(seq.seq_id)
+            if row is None:
+                continue
+            group = seq.group
+            targets = [seq]
+            if not group.forked:
+                for i in range(1, group.params.n):
+                    child = self._new_sequence(group, i, list(seq.token_ids))
+                    self.block_manager.fork(seq, child)
+                    group.seqs.append(child)
+                    self.scheduler.add_running(child)
+                    targets.append(child)
+            for s in targets:
+                row_seqs.append(s)
+                row_index.append(row)
+        if row_seqs:
+            self._sample_and_append(logits, row_seqs, row_index, now)
+
+        for group in touched.values():
+            out = self._make_output(group)
+            outputs.append(out)
+            if out.finished:
+                group.finished_time = group.finished_time or time.monotonic()
+                out.metrics.finished_time = group.finished_time
+                self.groups.pop(group.request_id, None)
+        return outputs
+
+    def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int], now: float) -> None:
+        idx = torch.tensor(rows, device=logits.device)
+        batch = logits.index_select(0, idx)
+        sampling_rows = []
+        for seq in seqs:
+            p = seq.group.params
+            blocked = ()
+            if seq.num_output_tokens < p.min_tokens:
+                blocked = tuple(self.eos_token_ids) + tuple(p.stop_token_ids or ())
+            sampling_rows.append(
+                SamplingRow(p, seq.generator, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, blocked)
+            )
+        results = self.sampler(batch, sampling_rows)
+        for seq, res in zip(seqs, results):
+            group = seq.group
+            if group.first_token_time is None:
+                group.first_token_time = now
+            try:
+                self._append_token(seq, res.token_id)
+                if seq.logprobs is not None:
+                    entry = dict(res.top_logprobs or [])
+                    entry[res.token_id] = res.logprob
+                    seq.logprobs.append(entry)
+                    seq.cumulative_logprob += res.logprob
+            except Exception as e:  # one request's failure must not take the batch down
+                logger.exception("request %s failed while processing its output", group.request_id)
+                group.error = f"{type(e).__name__}: {e}"
+                for s in group.seqs:
+                    if not s.is_finished:
+                        self._finish(s, "error")
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        p = seq.group.params
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if seq.detokenizer is None:
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                seq.token_ids[: seq.num_prompt_tokens],
+                skip_special_tokens=p.skip_special_tokens,
+                stop_strings=p.stop_strings,
+                include_stop_str_in_output=p.include_stop_str_in_output,
+            )
+        can_stop = seq.num_output_tokens >= p.min_tokens
+        stop_str = seq.detokenizer.add(token, check_stop=can_stop)
+        if can_stop:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self._finish(seq, "stop")
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            if stop_str is not None:
+                return self._finish(seq, "stop", stop_str)
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        if seq.status is not SequenceStatus.FINISHED:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+
+    def _record_prompt_logprobs(self, logits, prompt_rows, scheduled) -> None:
+        by_id = {s.seq_id: s for s, _ in scheduled}
+        for seq_id, (row, count, first_pos) in prompt_rows.items():
+            seq = by_id[seq_id]
+            group = seq.group
+            targets = torch.tensor(seq.token_ids[first_pos + 1 : first_pos + 1 + count], device=logits.device)
+            lps, tops = compute_logprobs(logits[row : row + count], targets, group.params.prompt_logprobs)
+            for tok, lp, top in zip(targets.tolist(), lps, tops):
+                entry = dict(top)
+                entry[tok] = lp
+                group.prompt_logprobs.append(entry)
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        expired = [
+            g.request_id for g in self.groups.values() if g.params.timeout is not None and now - g.arrival_time > g.params.timeout
+        ]
+        for rid in expired:
+            self.abort_request(rid, reason="timeout")
+
+    def _make_output(self, group: SequenceGroup) -> RequestOutput:
+        outs = []
+        for seq in group.seqs:
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detokenizer.output_text if seq.detokenizer else "",
+                    token_ids=seq.output_token_ids,
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=seq.logprobs,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        finished = group.forked and group.is_finished or group.error is not None or any(
+            s.finish_reason in ("abort", "timeout") for s in group.seqs
+        )
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            metrics=RequestMetrics(group.arrival_time, group.first_scheduled_time, group.first_token_time, group.finished_time),
+            prompt_logprobs=group.prompt_logprobs,
+            error=group.error,
+        )
+
+    # ---- introspection --------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_cached_blocks": len(bm.evictable),
+            "kv_cache_usage": bm.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generated_tokens,
+        }

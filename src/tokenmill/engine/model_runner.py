@@ -1,0 +1,200 @@
+"""Owns the model and its KV cache; turns a scheduled batch into flat tensors and runs one forward pass."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import CacheConfig, ModelConfig
+from ..model.layers.attention import AttentionMetadata, PrefillSpan
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchLayout:
+    """Where each scheduled sequence's rows are in the logits the forward pass returns."""
+
+    sample_rows: dict[int, int]  # seq_id -> logits row of its next-token distribution
+    prompt_rows: dict[int, tuple[int, int, int]]  # seq_id -> (first logits row, count, first position)
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(
+        self, model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device, kv_dtype: torch.dtype
+    ) -> None:
+        self.model = model
+        self.cfg = model_cfg
+        self.device = device
+        self.kv_dtype = kv_dtype
+        self.kv_caches: list[torch.Tensor] = []
+        self.block_size = 0
+
+    # ---- KV cache -------------------------------------------------------------------------------------------
+    def block_bytes(self, block_size: int) -> int:
+        return block_size * self.cfg.kv_bytes_per_token(self.kv_dtype)
+
+    def profile_num_blocks(self, cache: CacheConfig, max_tokens_needed: int) -> int:
+        """Number of KV blocks from the memory budget (explicit bytes, or a fraction of free memory)."""
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        per_block = self.block_bytes(cache.block_size)
+        if cache.kv_cache_bytes is not None:
+            budget = cache.kv_cache_bytes
+        elif self.device.type == "cuda":
+            budget = self._cuda_budget(cache)
+        else:
+            budget = int(available_memory_bytes() * cache.memory_fraction)
+            # More than twice what the configured batch can ever hold only feeds the prefix cache.
+            budget = min(budget, 2 * max_tokens_needed * self.cfg.kv_bytes_per_token(self.kv_dtype))
+        num = budget // per_block
+        if num < 1:
+            raise ValueError(f"KV-cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
+        return int(num)
+
+    def _cuda_budget(self, cache: CacheConfig) -> int:
+        """Fraction of device memory minus what weights and a warm-up forward pass at full token budget use."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._warmup_forward(self._profile_tokens)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return max(0, int(total * cache.memory_fraction) - peak)
+
+    _profile_tokens = 512
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        shape = (2, num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        # torch.empty: pages are touched only when used, so a large budget costs nothing up front on CPU.
+        self.kv_caches = [torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        self.block_size = block_size
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",
+            num_blocks,
+            block_size,
+            num_blocks * self.block_bytes(block_size) / 2**20,
+            self.kv_dtype,
+        )
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    def _warmup_forward(self, num_tokens: int) -> None:
+        self.prompt_logits(torch.zeros(num_tokens, dtype=torch.long), last_only=True)
+
+    def prompt_logits(self, token_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits of one prompt run alone with a throwaway KV cache (activation profiling, reference checks)."""
+        n = token_ids.shape[0]
+        block_size = 16
+        nb = -(-n // block_size)
+        shape = (2, nb, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        caches = [torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            num_decode=0,
+            decode_block_tables=None,
+            decode_context_lens=None,
+            prefills=[PrefillSpan(0, n, n, torch.arange(nb, device=self.device))],
+            block_size=block_size,
+        )
+        rows = torch.arange(n - 1 if last_only else 0, n, device=self.device)
+        with torch.inference_mode():
+            return self.model(token_ids.to(self.device), torch.arange(n, device=self.device), caches, meta, rows)
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def execute(
+        self, scheduled: list[tuple[Sequence, int]], block_copies: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor | None, BatchLayout]:
+        """Runs the scheduled chunks. Decodes (one token) must come first in `scheduled`."""
+        self.copy_blocks(block_copies)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_idx: list[int] = []
+        sample_rows: dict[int, int] = {}
+        prompt_rows: dict[int, tuple[int, int, int]] = {}
+        dec_tables: list[list[int]] = []
+        dec_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+
+        for seq, n in scheduled:
+            start = len(input_ids)
+            c = seq.num_computed_tokens
+            table = seq.block_table
+            if n == 1:
+                input_ids.append(seq.token_ids[c])
+                positions.append(c)
+                slots.append(table[c // bs] * bs + c % bs)
+                dec_tables.append(table)
+                dec_lens.append(c + 1)
+            else:
+                input_ids.extend(seq.token_ids[c : c + n])
+                pos = np.arange(c, c + n)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
+                prefills.append(
+                    PrefillSpan(start, n, c + n, torch.tensor(table, dtype=torch.long, device=self.device))
+                )
+            group = seq.group
+            if group.prompt_logprobs is not None and c + 1 == len(group.prompt_logprobs) and c < seq.num_prompt_tokens - 1:
+                # Logits at positions c..c+count-1 score prompt tokens c+1..c+count.
+                count = min(n, seq.num_prompt_tokens - 1 - c)
+                prompt_rows[seq.seq_id] = (len(logits_idx), count, c)
+                logits_idx.extend(range(start, start + count))
+            if c + n == seq.num_tokens:
+                sample_rows[seq.seq_id] = len(logits_idx)
+                logits_idx.append(start + n - 1)
+
+        layout = BatchLayout(sample_rows, prompt_rows)
+        if not logits_idx:
+            logits_idx.append(len(input_ids) - 1)  # the model always returns at least one row
+
+        dev = self.device
+        if dec_tables:
+            width = max(len(t) for t in dec_tables)
+            padded = np.zeros((len(dec_tables), width), dtype=np.int64)
+            for r, t in enumerate(dec_tables):
+                padded[r, : len(t)] = t
+            dec_bt = torch.from_numpy(padded).to(dev)
+            dec_ctx = torch.tensor(dec_lens, dtype=torch.long, device=dev)
+        else:
+            dec_bt = dec_ctx = None
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=len(dec_tables),
+            decode_block_tables=dec_bt,
+            decode_context_lens=dec_ctx,
+            prefills=prefills,
+            block_size=bs,
+        )
+        with torch.inference_mode():
+            logits = self.model(
+                torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev),
+                self.kv_caches,
+                meta,
+                torch.tensor(logits_idx, dtype=torch.long, device=dev),
+            )
+        return logits, layout

@@ -1,0 +1,1 @@
+"""Pure compute: model definitions, layers, attention backends, weight loading."""
