@@ -23,6 +23,13 @@ DTYPES = {
 }
 
 
+_MODEL_TYPE_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
 @dataclass
 class ModelConfig:
     """Architecture hyper-parameters of a Llama-family decoder (our own names, from HF config or GGUF)."""
@@ -71,7 +78,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
+        # configs saved without a model (config.save_pretrained) lack "architectures": infer it from model_type
+        model_type = cfg.get("model_type", "unknown")
+        archs = cfg.get("architectures") or [_MODEL_TYPE_ARCHS.get(model_type, model_type)]
         arch = archs[0]
         n_layers = cfg["num_hidden_layers"]
         n_heads = cfg["num_attention_heads"]

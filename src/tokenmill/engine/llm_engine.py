@@ -251,6 +251,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        if seq.detokenizer is not None:
+            seq.detokenizer.flush(check_stop=False)  # text held back for an incomplete character
         if seq.status is not SequenceStatus.FINISHED:
             self.scheduler.remove(seq)
             seq.status = SequenceStatus.FINISHED

@@ -81,8 +81,9 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         shape = (2, num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        # torch.empty: pages are touched only when used, so a large budget costs nothing up front on CPU.
-        self.kv_caches = [torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        # Zeroed: masked-out slots still enter the attention kernels' products (weight 0 x value), and garbage
+        # there could be NaN.
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
         self.block_size = block_size
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",
