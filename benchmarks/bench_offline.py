@@ -399,14 +399,15 @@ def plot(results: dict[str, Any], path: str) -> None:
         if v:
             ax1.annotate(f"{v:.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
                          fontsize=9, xytext=(0, 2), textcoords="offset points")
+    ymax = max(tm + hf + [1])
     for x, d in zip(xs, dtypes):
         ratio = results["per_dtype"][d].get("ratio_vs_hf")
         if ratio:
             top = max(tm[x], hf[x])
-            ax1.annotate(f"{ratio:.2f}x HF", (x, top * 1.08), ha="center", fontsize=11, fontweight="bold")
+            ax1.annotate(f"{ratio:.2f}x HF", (x, top + 0.1 * ymax), ha="center", fontsize=11, fontweight="bold")
     ax1.set_xticks(list(xs), dtypes)
     ax1.set_ylabel("output tokens/s")
-    ax1.set_ylim(0, max(tm + hf + [1]) * 1.25)
+    ax1.set_ylim(0, ymax * 1.3)
     ax1.set_title(f"{wl['name']}: {wl['num_prompts']} prompts x {wl['max_tokens']} new tokens (offline)")
     ax1.legend(loc="upper right", fontsize=8)
 
@@ -420,19 +421,18 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax2.bar([x + width for x in xs], lim, width, label="bandwidth limit", color="white", edgecolor="#555",
                 hatch="//"),
     ]
-    for group, vals in zip(bars, (tm1, hf1, lim)):
-        for rect, v in zip(group, vals):
+    fracs = [results["per_dtype"][d].get("decode1_fraction_of_bandwidth_limit") for d in dtypes]
+    for i, (group, vals) in enumerate(zip(bars, (tm1, hf1, lim))):
+        for j, (rect, v) in enumerate(zip(group, vals)):
             if v:
-                ax2.annotate(f"{v:.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
-                             fontsize=9, xytext=(0, 2), textcoords="offset points")
-    for x, d in zip(xs, dtypes):
-        frac = results["per_dtype"][d].get("decode1_fraction_of_bandwidth_limit")
-        if frac:
-            ax2.annotate(f"{100 * frac:.0f}% of limit", (x - width, tm1[x] * 0.5), ha="center", fontsize=8,
-                         color="white", rotation=90)
+                label = f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+                if i == 0 and fracs[j]:
+                    label += f"\n{100 * fracs[j]:.0f}% of\nlimit"
+                ax2.annotate(label, (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
+                             fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax2.set_xticks(list(xs), dtypes)
     ax2.set_ylabel("decode tokens/s")
-    ax2.set_ylim(0, max(tm1 + hf1 + lim + [1]) * 1.18)
+    ax2.set_ylim(0, max(tm1 + hf1 + lim + [1]) * 1.3)
     ax2.set_title(f"decode-1: {DECODE1_PROMPT_TOKENS}-token prompt, {wl['decode_tokens']} new tokens")
     ax2.legend(loc="upper right", fontsize=8)
     m = results["machine"]

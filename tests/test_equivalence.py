@@ -45,7 +45,8 @@ def hf_greedy(ref, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> li
     return outs
 
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+# min_tokens masks EOS exactly as transformers' min_new_tokens does.
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
 
 # Engine settings each forcing a different path through scheduler, block manager and attention.
 SCENARIOS = {
@@ -94,7 +95,7 @@ def test_parallel_samples_share_prompt_blocks(tiny):
     prompts = _prompts(ref.config.vocab_size, [13, 6], seed=3)
     expected = hf_greedy(ref, prompts)
     llm = LLM(path, dtype="float32", block_size=4)
-    params = SamplingParams(n=3, temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for out, exp in zip(outs, expected):
         assert [c.index for c in out.outputs] == [0, 1, 2]
