@@ -80,6 +80,76 @@ def cpu_flags() -> list[str]:
     return []
 
 
+class CpuMonitor:
+    """CPU time used by *other* processes during a measurement, as a fraction of all cores.
+
+    On a 2-core machine a second busy process makes every OpenMP region wait for a descheduled
+    thread (a 1-token linear goes from ~0.1 ms to ~8 ms), so numbers taken with foreign load are
+    not comparable; each run records this fraction and the script warns when it is high.
+    """
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.busy0 = _system_busy_seconds()
+        self.own0 = _own_cpu_seconds()
+
+    def stop(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self.t0
+        busy, own = _system_busy_seconds(), _own_cpu_seconds()
+        if busy is None or self.busy0 is None or wall <= 0:
+            return {"foreign_cpu_frac": None, "own_cpu_frac": None}
+        ncpu = os.cpu_count() or 1
+        foreign = max(0.0, (busy - self.busy0) - (own - self.own0))
+        return {"foreign_cpu_frac": foreign / (wall * ncpu), "own_cpu_frac": (own - self.own0) / (wall * ncpu)}
+
+
+def _system_busy_seconds() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    vals = [int(x) for x in fields[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already counted in user)
+    busy = vals[0] + vals[1] + vals[2] + vals[5] + vals[6] + (vals[7] if len(vals) > 7 else 0)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def check_quiet(what: str, mon: dict[str, float | None]) -> None:
+    frac = mon.get("foreign_cpu_frac")
+    if frac is not None and frac > 0.1:
+        logger.warning("%s: other processes used %.0f%% of the CPU during the measurement; "
+                       "the numbers are not representative", what, 100 * frac)
+
+
+_WAIT_QUIET_S = 0.0  # set from --wait-quiet
+
+
+def wait_quiet(max_wait: float | None = None, threshold: float = 0.1) -> float:
+    """Before a timed run: wait (up to ``max_wait`` s) until other processes use < threshold of the CPU."""
+    max_wait = _WAIT_QUIET_S if max_wait is None else max_wait
+    if max_wait <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    while True:
+        mon = CpuMonitor()
+        time.sleep(1.0)
+        frac = mon.stop()["foreign_cpu_frac"]
+        waited = time.perf_counter() - t0
+        if frac is None or frac < threshold:
+            return waited
+        if waited >= max_wait:
+            logger.warning("machine still busy (%.0f%% foreign CPU) after %.0f s; measuring anyway", 100 * frac, waited)
+            return waited
+
+
 def measure_bandwidth(mbytes: int = 512, reps: int = 10) -> dict[str, float]:
     """Large-tensor memory bandwidth in GB/s: copy (read + write bytes counted) and read-only (sum)."""
     n = mbytes * (1 << 20) // 4
@@ -102,6 +172,17 @@ def measure_bandwidth(mbytes: int = 512, reps: int = 10) -> dict[str, float]:
         "read_gb_s": nbytes / min(read_t) / 1e9,
     }
     del src, dst
+    # the decode access pattern: one matrix-vector product streaming a weight matrix
+    mat = torch.ones(n // 4096, 4096, dtype=torch.float32)
+    vec = torch.ones(4096, dtype=torch.float32)
+    torch.mv(mat, vec)
+    mv_t = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mv(mat, vec)
+        mv_t.append(time.perf_counter() - t0)
+    res["matvec_gb_s"] = mat.numel() * mat.element_size() / min(mv_t) / 1e9
+    del mat, vec
     return res
 
 
@@ -134,8 +215,10 @@ def machine_info(quick: bool) -> dict[str, Any]:
         "transformers_version": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "loadavg_at_start": list(os.getloadavg()),
     }
     logger.info("measuring memory bandwidth and matmul peak")
+    wait_quiet()
     info["bandwidth"] = measure_bandwidth(mbytes=128 if quick else 512, reps=5 if quick else 10)
     info["matmul"] = measure_matmul(n=1024 if quick else 2048, reps=3 if quick else 5)
     return info
@@ -197,9 +280,13 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, float
 
 
 def tokenmill_offline_run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    wait_quiet()
+    mon = CpuMonitor()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, greedy(max_tokens), use_tqdm=False)
     wall = time.perf_counter() - t0
+    cpu = mon.stop()
+    check_quiet("tokenmill offline", cpu)
     lens = [len(o.outputs[0].token_ids) for o in outs]
     if any(n != max_tokens for n in lens):
         logger.warning("tokenmill returned %s..%s tokens per request, expected %d", min(lens), max(lens), max_tokens)
@@ -216,23 +303,74 @@ def tokenmill_offline_run(llm: LLM, prompts: list[list[int]], max_tokens: int) -
         "ttft_max": max((t for t in ttfts if t is not None), default=None),
         "queue_time_median": median([o.metrics.queue_time for o in outs]),
         "cached_prompt_tokens": sum(getattr(o, "num_cached_tokens", 0) or 0 for o in outs),
+        **cpu,
         "_outputs": [list(o.outputs[0].token_ids) for o in outs],
     }
 
 
-def tokenmill_decode1_run(llm: LLM, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+def _stream_one(llm: LLM, prompt: list[int], params: SamplingParams, rid: str) -> tuple[Any, list[float], int]:
+    """Drive the engine step by step for one request: (final output, time after each step that grew
+    the output, arrival time). Falls back to ``generate`` when the engine API is not there."""
+    engine = getattr(llm, "engine", None)
+    if engine is None or not hasattr(engine, "add_request") or not hasattr(engine, "step"):
+        t0 = time.perf_counter()
+        (out,) = llm.generate([prompt], params, use_tqdm=False)
+        return out, [], t0
     t0 = time.perf_counter()
-    (out,) = llm.generate([prompt], greedy(max_tokens), use_tqdm=False)
+    engine.add_request(rid, None, params, prompt_token_ids=list(prompt))
+    stamps: list[float] = []
+    seen = 0
+    final = None
+    while final is None:
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id != rid:
+                continue
+            n = len(o.outputs[0].token_ids)
+            stamps.extend([now] * (n - seen))  # tokens that became visible in this step
+            seen = n
+            if o.finished:
+                final = o
+        if final is None and not engine.has_unfinished_requests():
+            raise RuntimeError("engine stopped before the decode-1 request finished")
+    return final, stamps, t0
+
+
+_decode_ids = iter(range(1 << 30))
+
+
+def tokenmill_decode1_run(llm: LLM, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    """decode-1. TTFT and decode time are measured here from the step timestamps (the client's view);
+    the engine's own RequestMetrics are kept alongside as ``engine_*``."""
+    wait_quiet()
+    mon = CpuMonitor()
+    out, stamps, t0 = _stream_one(llm, prompt, greedy(max_tokens), f"bench-decode1-{next(_decode_ids)}")
     wall = time.perf_counter() - t0
+    cpu = mon.stop()
+    check_quiet("tokenmill decode-1", cpu)
     n = len(out.outputs[0].token_ids)
-    dt = out.metrics.decode_time
+    m = out.metrics
+    if len(stamps) == n and n > 1:
+        ttft = stamps[0] - t0
+        dt = stamps[-1] - stamps[0]
+        gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+        itl_median = gaps[len(gaps) // 2]
+        source = "client"
+    else:  # no step timestamps: fall back to the engine's metrics
+        ttft, dt, itl_median, source = m.ttft, m.decode_time, None, "engine"
     return {
         "wall_time": wall,
         "output_tokens": n,
-        "ttft": out.metrics.ttft,
+        "ttft": ttft,
         "decode_time": dt,
         "decode_tok_s": (n - 1) / dt if dt else None,
         "tpot_ms": 1000 * dt / (n - 1) if dt and n > 1 else None,
+        "itl_median_ms": 1000 * itl_median if itl_median is not None else None,
+        "timing_source": source,
+        "engine_ttft": m.ttft,
+        "engine_decode_time": m.decode_time,
+        **cpu,
         "_output": list(out.outputs[0].token_ids),
     }
 
@@ -248,6 +386,7 @@ def bench_tokenmill(dtype: str, args: argparse.Namespace, prompts: list[list[int
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=0,
         enable_prefix_caching=args.prefix_caching,
+        num_threads=args.threads,
     )
     load_time = time.perf_counter() - t0
     if prompts is None:
@@ -316,17 +455,25 @@ def bench_hf(dtype: str, args: argparse.Namespace, prompts: list[list[int]], d1_
 
     runs, outputs = [], []
     for r in range(args.hf_repeats):
+        wait_quiet()
+        mon = CpuMonitor()
         res = hf_baseline.run_static_batches(model, prompts, batch_size=args.hf_batch_size,
                                              max_new_tokens=args.max_tokens, pad_token_id=pad_id, dtype=dtype)
-        runs.append(res.summary())
+        cpu = mon.stop()
+        check_quiet("HF static batches", cpu)
+        runs.append({**res.summary(), **cpu})
         outputs = res.outputs
         logger.info("[hf %s] static-%d run %d: %.1f output tok/s (%.1f s)", dtype, args.hf_batch_size, r + 1,
                     res.output_tok_s, res.wall_time)
     d1_runs, d1_out = [], []
     for r in range(args.hf_repeats):
+        wait_quiet()
+        mon = CpuMonitor()
         res = hf_baseline.run_decode1(model, d1_prompt, max_new_tokens=args.decode_tokens, pad_token_id=pad_id,
                                       dtype=dtype)
-        d1_runs.append(res.summary())
+        cpu = mon.stop()
+        check_quiet("HF decode-1", cpu)
+        d1_runs.append({**res.summary(), **cpu})
         d1_out = res.output
         logger.info("[hf %s] decode-1 run %d: %.1f tok/s, TTFT %.3f s", dtype, r + 1, res.decode_tok_s, res.ttft)
     del model, tok
@@ -357,7 +504,8 @@ def limits(dtype: str, machine: dict[str, Any], model: dict[str, Any], args: arg
     """Physical upper bounds for this dtype: decode-1 by bandwidth, batched throughput by matmul peak."""
     elem = ELEM_SIZE[dtype]
     bw = machine["bandwidth"]
-    bandwidth = max(bw["copy_gb_s"], bw["read_gb_s"]) * 1e9  # the larger figure gives the stricter fraction
+    # the largest of the measured figures gives the strictest (lowest) fraction
+    bandwidth = max(bw["copy_gb_s"], bw["read_gb_s"], bw.get("matvec_gb_s", 0.0)) * 1e9
     weight_bytes = model["num_params"] * elem
     # decode-1: on average the step reads the KV of (prompt + half the output) tokens
     avg_ctx = DECODE1_PROMPT_TOKENS + args.decode_tokens / 2
@@ -447,7 +595,8 @@ def summary_table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"machine: {m['cpu_model']}, {m['cores']} cores, torch {m['torch_version']}; "
-        f"bandwidth copy {m['bandwidth']['copy_gb_s']:.1f} GB/s read {m['bandwidth']['read_gb_s']:.1f} GB/s; "
+        f"bandwidth copy {m['bandwidth']['copy_gb_s']:.1f} / read {m['bandwidth']['read_gb_s']:.1f} / "
+        f"matvec {m['bandwidth'].get('matvec_gb_s', 0):.1f} GB/s; "
         f"matmul bf16 {m['matmul']['bfloat16_gflop_s']:.0f} / fp32 {m['matmul']['float32_gflop_s']:.0f} GFLOP/s",
         f"{'dtype':<9} {'engine':<10} {'offline tok/s':>13} {'vs HF':>6} {'dec-1 tok/s':>11} "
         f"{'TTFT ms':>8} {'%BW lim':>7}",
@@ -492,6 +641,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--prefix-caching", action="store_true",
                    help="keep tokenmill's prefix cache on (off by default: repeated runs would be cache hits)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both engines (default: torch's default, one per core)")
+    p.add_argument("--wait-quiet", type=float, default=120.0,
+                   help="before each timed run wait up to this many seconds for other processes to go idle")
     p.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2 GGUF)")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 prompts x 32 tokens, 1 repeat")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -521,6 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     started = time.time()
+    global _WAIT_QUIET_S
+    _WAIT_QUIET_S = args.wait_quiet
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        logger.warning("load average is %.2f before the run: other processes are busy, expect noisy numbers", load)
 
     machine = machine_info(args.quick)
     model = model_facts()
@@ -548,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "prefix_caching": args.prefix_caching,
             "quick": args.quick,
+            "threads": torch.get_num_threads(),
             "statistic": "median over runs",
         },
         "per_dtype": {},
@@ -583,6 +744,12 @@ def main(argv: list[str] | None = None) -> int:
         results["per_dtype"][dtype] = entry
 
     results["elapsed_s"] = time.time() - started
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    foreign = [r.get("foreign_cpu_frac") for d in results["per_dtype"].values()
+               for eng in ("tokenmill", "hf") if eng in d for kind in ("offline", "decode1")
+               for r in d[eng][kind]["runs"]]
+    foreign = [f for f in foreign if f is not None]
+    results["max_foreign_cpu_frac"] = max(foreign) if foreign else None
     json_path = os.path.join(args.out_dir, f"{args.name}.json")
     with open(json_path, "w") as f:
         json.dump(results, f, indent=2)
@@ -593,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.exception("plotting failed")
         png_path = None
     print(summary_table(results))
+    if results["max_foreign_cpu_frac"] is not None and results["max_foreign_cpu_frac"] > 0.1:
+        print(f"WARNING: other processes used up to {100 * results['max_foreign_cpu_frac']:.0f}% of the CPU "
+              "during a measurement; rerun on a quiet machine")
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
     return 0
 

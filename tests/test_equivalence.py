@@ -73,6 +73,18 @@ def test_greedy_matches_transformers(tiny, scenario):
     _assert_all_blocks_free(llm)
 
 
+def test_portable_decode_path_matches_transformers(tiny, monkeypatch):
+    """The gather + SDPA decode path (CUDA, or CPUs without a compiler) gives the same tokens."""
+    import tokenmill.model.layers.attention as attention
+
+    monkeypatch.setattr(attention, "paged_decode_kernel", lambda: None)
+    arch, path, ref = tiny
+    prompts = _prompts(ref.config.vocab_size, [3, 17, 30], seed=5)
+    llm = LLM(path, dtype="float32", block_size=4)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(ref, prompts)
+
+
 def test_prefix_cache_hits_keep_greedy_output(tiny):
     arch, path, ref = tiny
     vocab = ref.config.vocab_size

@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from .layers.activation import silu_and_mul
 from .layers.attention import AttentionMetadata, PagedAttention
 from .layers.norm import RMSNorm
-from .layers.rotary import RotaryEmbedding
+from .layers.rotary import RotaryEmbedding, apply_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -41,7 +40,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -63,8 +62,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, positions, rotary, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, kv_cache, meta)
+    def forward(self, h, rope, kv_cache, meta):
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -96,8 +95,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Runs the flat batch; returns float32 logits for the rows in `logits_indices` only."""
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, h.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(h, positions, self.rotary, cache, meta)
+            h = layer(h, rope, cache, meta)
         h = self.norm(h.index_select(0, logits_indices))
         return F.linear(h, self.lm_head_weight).float()
 

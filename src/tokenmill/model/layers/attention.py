@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import paged_decode_kernel
+
 # Query rows per SDPA call when a prefill needs an explicit mask (cached prefix or sliding window):
 # keeps the mask and the kernel's working set at O(tile x context), never O(context^2).
 PREFILL_QUERY_TILE = 256
@@ -51,8 +53,9 @@ class AttentionMetadata:
 
 
 class PagedAttention:
-    """Torch SDPA on a paged KV cache. Works on CPU (flash-style tiled SDPA kernel) and CUDA (flash/mem-efficient
-    SDPA for prefill; gathered-block SDPA for decode)."""
+    """Paged attention. Prefill: torch SDPA (tiled flash kernel on CPU, flash/mem-efficient on CUDA). Decode: on CPU
+    the compiled paged kernel (cpu_kernels.py) that reads blocks in place; elsewhere, or when it cannot be built,
+    SDPA over the gathered blocks."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None) -> None:
         self.num_heads = num_heads
@@ -60,6 +63,7 @@ class PagedAttention:
         self.head_dim = head_dim
         self.group = num_heads // num_kv_heads
         self.window = sliding_window
+        self.scale = head_dim**-0.5
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -83,6 +87,14 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         bt = meta.decode_block_tables
         assert bt is not None
+        if kv_cache.device.type == "cpu" and q.dtype == kv_cache.dtype:
+            kernel = paged_decode_kernel()
+            if kernel is not None:
+                return kernel(
+                    q.contiguous(), kv_cache[0], kv_cache[1], bt, meta.decode_context_lens,
+                    -1 if self.window is None else self.window, self.scale,
+                )
+        # Portable path: gather each sequence's blocks (padded to the longest) and run SDPA.
         b, max_blocks = bt.shape
         _, _, block_size, hkv, d = kv_cache.shape
         flat_bt = bt.reshape(-1)
