@@ -23,6 +23,9 @@ class BatchLayout:
     prompt_rows: dict[int, tuple[int, int, int]]  # seq_id -> (first logits row, count, first position)
 
 
+CPU_DEFAULT_KV_BYTES = 4 * 2**30
+
+
 def available_memory_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -60,8 +63,9 @@ class ModelRunner:
             budget = self._cuda_budget(cache)
         else:
             budget = int(available_memory_bytes() * cache.memory_fraction)
-            # More than twice what the configured batch can ever hold only feeds the prefix cache.
-            budget = min(budget, 2 * max_tokens_needed * self.cfg.kv_bytes_per_token(self.kv_dtype))
+            # More than the configured batch can ever hold only feeds the prefix cache; past a few GiB the
+            # start-up cost of zeroing the cache outweighs what a CPU can use.
+            budget = min(budget, max_tokens_needed * self.cfg.kv_bytes_per_token(self.kv_dtype), CPU_DEFAULT_KV_BYTES)
         num = budget // per_block
         if num < 1:
             raise ValueError(f"KV-cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
