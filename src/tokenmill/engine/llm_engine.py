@@ -194,8 +194,10 @@ class LLMEngine:
         return outputs
 
     def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int], now: float) -> None:
-        idx = torch.tensor(rows, device=logits.device)
-        batch = logits.index_select(0, idx)
+        if rows == list(range(logits.shape[0])):
+            batch = logits  # the common case: one sampled row per logits row, in order
+        else:
+            batch = logits[torch.tensor(rows, device=logits.device)]
         sampling_rows = []
         for seq in seqs:
             p = seq.group.params

@@ -54,6 +54,11 @@ def _flat_indices(
     return r, c
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row argmax (first maximum on ties). On CPU `max(dim)` is several times faster than `argmax` over a vocabulary."""
+    return x.max(dim=-1).indices
+
+
 def apply_penalties(
     logits: torch.Tensor,
     prompt_token_ids: Sequence[Sequence[int]],
@@ -137,7 +142,7 @@ class Sampler:
 
         if not any_blocked and not pen_rows and not sampled:
             # Fast path: an all-greedy batch with nothing to mask is one argmax.
-            token_ids = logits.argmax(dim=-1)
+            token_ids = _argmax(logits)
         else:
             work = logits.to(dtype=torch.float32, copy=True)
             if any_blocked:
@@ -148,7 +153,7 @@ class Sampler:
             if len(sampled) == batch:
                 token_ids = self._sample(work, rows)
             else:
-                token_ids = work.argmax(dim=-1)  # greedy rows; sampled rows are overwritten below
+                token_ids = _argmax(work)  # greedy rows; sampled rows are overwritten below
                 if sampled:
                     idx = torch.tensor(sampled, dtype=torch.long, device=device)
                     token_ids[idx] = self._sample(work[idx], [rows[i] for i in sampled])
@@ -219,7 +224,7 @@ class Sampler:
             else:  # e.g. a CPU generator with GPU logits: draw where the generator lives
                 noise[i] = torch.empty(vocab, device=gen.device).exponential_(generator=gen).to(device)
         noise.clamp_min_(_MIN_NOISE)
-        return (probs / noise).argmax(dim=-1)
+        return _argmax(probs / noise)
 
     @staticmethod
     def _top_k_only(logits: torch.Tensor, params: list[SamplingParams], trunc: list[int]) -> None:

@@ -1,0 +1,75 @@
+"""Block manager: reference counts, prefix-cache hits with exact token checks, LRU eviction, copy-on-write forks."""
+from __future__ import annotations
+
+from tokenmill import SamplingParams
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.sequence import Sequence, SequenceGroup
+
+_ids = iter(range(10**6))
+
+
+def make_seq(tokens: list[int]) -> Sequence:
+    group = SequenceGroup(f"r{next(_ids)}", None, list(tokens), SamplingParams())
+    seq = Sequence(next(_ids), group, 0, list(tokens), len(tokens))
+    group.seqs.append(seq)
+    return seq
+
+
+def run_prefill(bm: BlockManager, seq: Sequence) -> int:
+    hit = bm.match_prefix(seq)
+    assert bm.append_slots(seq, seq.num_tokens - seq.num_computed_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.commit_computed(seq)
+    return hit
+
+
+def test_prefix_hit_requires_identical_tokens_and_leaves_one_token():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = make_seq(list(range(12)))
+    assert run_prefill(bm, a) == 0
+    b = make_seq(list(range(12)))  # identical: at most 2 full blocks (the last token is always computed)
+    assert run_prefill(bm, b) == 8
+    assert b.block_table[:2] == a.block_table[:2]
+    assert bm.ref_counts[a.block_table[0]] == 2
+    c = make_seq(list(range(4)) + [99, 5, 6, 7, 8, 9])  # second block differs: only the first block is shared
+    assert run_prefill(bm, c) == 4
+    for s in (a, b, c):
+        bm.free(s)
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
+
+
+def test_lru_eviction_of_unreferenced_cached_blocks():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    old = make_seq([1, 2, 3, 4, 5])  # 3 blocks, 2 full ones cached
+    run_prefill(bm, old)
+    bm.free(old)
+    assert len(bm.evictable) == 2 and bm.num_free_blocks == 4
+    new = make_seq([7, 8, 9, 10, 11, 12, 13])  # needs all 4 blocks: evicts both cached blocks
+    assert run_prefill(bm, new) == 0
+    assert not bm.evictable and bm.num_free_blocks == 0
+    assert not bm.append_slots(make_seq([1, 2, 3]), 3)  # all or nothing when full
+    bm.free(new)
+    again = make_seq([1, 2, 3, 4, 5])
+    assert bm.match_prefix(again) == 0  # the old prefix was evicted
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = make_seq([1, 2, 3, 4, 5, 6])  # one full block + a partial one
+    run_prefill(bm, parent)
+    child = make_seq([1, 2, 3, 4, 5, 6])
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table
+    assert all(bm.ref_counts[b] == 2 for b in parent.block_table)
+    # Each appends its own 7th token: the shared partial block is copied once, for the first writer.
+    parent.token_ids.append(10)
+    assert bm.append_slots(parent, 1)
+    copies = bm.take_copies()
+    assert copies == [(child.block_table[1], parent.block_table[1])]
+    assert parent.block_table[0] == child.block_table[0] and parent.block_table[1] != child.block_table[1]
+    child.token_ids.append(11)
+    assert bm.append_slots(child, 1)
+    assert bm.take_copies() == []  # now the child owns its partial block alone
+    bm.free(parent)
+    bm.free(child)
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
