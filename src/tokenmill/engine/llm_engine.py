@@ -182,7 +182,7 @@ class LLMEngine:
                 row_seqs.append(s)
                 row_index.append(row)
         if row_seqs:
-            self._sample_and_append(logits, row_seqs, row_index, now)
+            self._sample_and_append(logits, row_seqs, row_index)
 
         for group in touched.values():
             out = self._make_output(group)
@@ -193,7 +193,7 @@ class LLMEngine:
                 self.groups.pop(group.request_id, None)
         return outputs
 
-    def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int], now: float) -> None:
+    def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
         if rows == list(range(logits.shape[0])):
             batch = logits  # the common case: one sampled row per logits row, in order
         else:
@@ -208,6 +208,7 @@ class LLMEngine:
                 SamplingRow(p, seq.generator, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, blocked)
             )
         results = self.sampler(batch, sampling_rows)
+        now = time.monotonic()
         for seq, res in zip(seqs, results):
             group = seq.group
             if group.first_token_time is None:
