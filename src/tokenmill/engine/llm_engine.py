@@ -72,6 +72,7 @@ class LLMEngine:
         self._finished_outside_step: list[RequestOutput] = []
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self.last_step_num_tokens = 0  # tokens computed by the latest step (metrics)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(
@@ -144,6 +145,7 @@ class LLMEngine:
         self._check_timeouts()
         outputs, self._finished_outside_step = self._finished_outside_step, []
         sched = self.scheduler.schedule()
+        self.last_step_num_tokens = sched.num_tokens
         if not sched.scheduled:
             return outputs
         now = time.monotonic()
@@ -292,6 +294,7 @@ class LLMEngine:
                     logprobs=seq.logprobs,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
+                    stream_text=seq.detokenizer.stream_text if seq.detokenizer else "",
                 )
             )
         finished = group.forked and group.is_finished or group.error is not None or any(

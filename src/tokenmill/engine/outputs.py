@@ -13,6 +13,8 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # per generated token: sampled token + top-N
     finish_reason: str | None = None  # "stop", "length", "abort", "timeout", "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # The prefix of `text` that is safe to stream now: it holds back a tail that may still become a stop string.
+    stream_text: str = ""
 
     @property
     def finished(self) -> bool:
