@@ -1,9 +1,10 @@
-"""Command line: tokenmill generate (more subcommands arrive with their issues)."""
+"""Command line: tokenmill serve | generate (more subcommands arrive with their issues)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import DTYPES
@@ -76,9 +77,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import EngineConfig
+    from .serving.api_server import ServerConfig, run_server, served_model_name
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("TOKENMILL_API_KEY") or None
+    server_cfg = ServerConfig(
+        served_model_name=args.served_model_name or served_model_name(args.model),
+        api_key=api_key,
+        max_queued_requests=args.max_queued_requests or None,
+        request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n,
+        warmup=not args.no_warmup,
+    )
+    engine_cfg = EngineConfig(**engine_kwargs(args))
+    return run_server(engine_cfg, server_cfg, host=args.host, port=args.port, log_level=args.log_level or "INFO")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill LLM serving engine")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=None, help="default: INFO for serve, WARNING otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text offline for prompts")
@@ -98,8 +118,27 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json", action="store_true", help="one JSON object per output")
     g.set_defaults(func=cmd_generate)
 
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: SmolLM2 on 127.0.0.1:8000)")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model's file or directory name)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $TOKENMILL_API_KEY)")
+    s.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting to be scheduled before new ones get 429 (0: unbounded)")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds before a request is aborted (default: none; a request's 'timeout' overrides)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
+    s.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="largest request body accepted")
+    s.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) accepted")
+    s.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests before /health says ready")
+    s.set_defaults(func=cmd_serve)
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    default_level = "INFO" if args.command == "serve" else "WARNING"
+    logging.basicConfig(level=(args.log_level or default_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
