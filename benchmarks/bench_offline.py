@@ -38,6 +38,16 @@ if os.path.join(ROOT, "src") not in sys.path:
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.bench import hf_baseline  # noqa: E402
+from tokenmill.bench.machine import (  # noqa: E402
+    CpuMonitor,
+    check_quiet,
+    cpu_flags,
+    cpu_model,
+    measure_bandwidth,
+    measure_matmul,
+    set_wait_quiet_default,
+    wait_quiet,
+)
 from tokenmill.bench.workloads import (  # noqa: E402
     DECODE1_OUTPUT_TOKENS,
     DECODE1_PROMPT_TOKENS,
@@ -55,152 +65,6 @@ ELEM_SIZE = {"bfloat16": 2, "float32": 4}
 
 
 # --------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
-    except OSError:
-        pass
-    return []
-
-
-class CpuMonitor:
-    """CPU time used by *other* processes during a measurement, as a fraction of all cores.
-
-    On a 2-core machine a second busy process makes every OpenMP region wait for a descheduled
-    thread (a 1-token linear goes from ~0.1 ms to ~8 ms), so numbers taken with foreign load are
-    not comparable; each run records this fraction and the script warns when it is high.
-    """
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.busy0 = _system_busy_seconds()
-        self.own0 = _own_cpu_seconds()
-
-    def stop(self) -> dict[str, float | None]:
-        wall = time.perf_counter() - self.t0
-        busy, own = _system_busy_seconds(), _own_cpu_seconds()
-        if busy is None or self.busy0 is None or wall <= 0:
-            return {"foreign_cpu_frac": None, "own_cpu_frac": None}
-        ncpu = os.cpu_count() or 1
-        foreign = max(0.0, (busy - self.busy0) - (own - self.own0))
-        return {"foreign_cpu_frac": foreign / (wall * ncpu), "own_cpu_frac": (own - self.own0) / (wall * ncpu)}
-
-
-def _system_busy_seconds() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    vals = [int(x) for x in fields[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is already counted in user)
-    busy = vals[0] + vals[1] + vals[2] + vals[5] + vals[6] + (vals[7] if len(vals) > 7 else 0)
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def check_quiet(what: str, mon: dict[str, float | None]) -> None:
-    frac = mon.get("foreign_cpu_frac")
-    if frac is not None and frac > 0.1:
-        logger.warning("%s: other processes used %.0f%% of the CPU during the measurement; "
-                       "the numbers are not representative", what, 100 * frac)
-
-
-_WAIT_QUIET_S = 0.0  # set from --wait-quiet
-
-
-def wait_quiet(max_wait: float | None = None, threshold: float = 0.1) -> float:
-    """Before a timed run: wait (up to ``max_wait`` s) until other processes use < threshold of the CPU."""
-    max_wait = _WAIT_QUIET_S if max_wait is None else max_wait
-    if max_wait <= 0:
-        return 0.0
-    t0 = time.perf_counter()
-    while True:
-        mon = CpuMonitor()
-        time.sleep(1.0)
-        frac = mon.stop()["foreign_cpu_frac"]
-        waited = time.perf_counter() - t0
-        if frac is None or frac < threshold:
-            return waited
-        if waited >= max_wait:
-            logger.warning("machine still busy (%.0f%% foreign CPU) after %.0f s; measuring anyway", 100 * frac, waited)
-            return waited
-
-
-def measure_bandwidth(mbytes: int = 512, reps: int = 10) -> dict[str, float]:
-    """Large-tensor memory bandwidth in GB/s: copy (read + write bytes counted) and read-only (sum)."""
-    n = mbytes * (1 << 20) // 4
-    src = torch.ones(n, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in
-    src.sum()
-    copy_t, read_t = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        copy_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        src.sum()
-        read_t.append(time.perf_counter() - t0)
-    nbytes = src.numel() * src.element_size()
-    res = {
-        "buffer_mb": mbytes,
-        "copy_gb_s": 2 * nbytes / min(copy_t) / 1e9,
-        "read_gb_s": nbytes / min(read_t) / 1e9,
-    }
-    del src, dst
-    # the decode access pattern: one matrix-vector product streaming a weight matrix
-    mat = torch.ones(n // 4096, 4096, dtype=torch.float32)
-    vec = torch.ones(4096, dtype=torch.float32)
-    torch.mv(mat, vec)
-    mv_t = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mv(mat, vec)
-        mv_t.append(time.perf_counter() - t0)
-    res["matvec_gb_s"] = mat.numel() * mat.element_size() / min(mv_t) / 1e9
-    del mat, vec
-    return res
-
-
-def measure_matmul(n: int = 2048, reps: int = 5) -> dict[str, float]:
-    """Peak GFLOP/s of an n x n x n matmul in bf16 and fp32 (best of ``reps``)."""
-    out = {"n": n}
-    for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        a = torch.randn(n, n).to(dt)
-        b = torch.randn(n, n).to(dt)
-        torch.mm(a, b)  # warm-up (picks the kernel, e.g. oneDNN AMX for bf16)
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        out[f"{name}_gflop_s"] = 2 * n**3 / best / 1e9
-        del a, b
-    return out
 
 
 def machine_info(quick: bool) -> dict[str, Any]:
@@ -674,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     started = time.time()
-    global _WAIT_QUIET_S
-    _WAIT_QUIET_S = args.wait_quiet
+    set_wait_quiet_default(args.wait_quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]

@@ -1,0 +1,293 @@
+"""Facts about the benchmark machine and guards against measuring on a busy one.
+
+Shared by ``benchmarks/bench_offline.py`` and ``benchmarks/bench_online.py``:
+
+* ``cpu_model`` / ``cpu_flags``: what the numbers were measured on.
+* ``CpuMonitor``: CPU time used by *other* processes during a measurement, as a fraction of all
+  cores. On a 2-core machine a second busy process makes every OpenMP region wait for a
+  descheduled thread, so numbers taken under foreign load are not comparable. Processes that are
+  part of the measurement (a server under test and its children) can be named and are counted
+  as "own" time, not foreign.
+* ``wait_quiet``: before a timed run, wait until the rest of the machine is idle.
+* ``measure_bandwidth`` / ``measure_matmul``: the physical limits (need torch; imported lazily).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Default for wait_quiet(max_wait=None); scripts set it from their --wait-quiet flag.
+_WAIT_QUIET_S = 0.0
+
+
+def set_wait_quiet_default(seconds: float) -> None:
+    """Make ``wait_quiet()`` without an explicit ``max_wait`` wait up to ``seconds``."""
+    global _WAIT_QUIET_S
+    _WAIT_QUIET_S = float(seconds)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
+    except OSError:
+        pass
+    return []
+
+
+def system_busy_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    vals = [int(x) for x in fields[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already counted in user)
+    busy = vals[0] + vals[1] + vals[2] + vals[5] + vals[6] + (vals[7] if len(vals) > 7 else 0)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _proc_children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+        rest = stat[stat.rfind(")") + 2:].split()
+        if len(rest) > 1:
+            children.setdefault(int(rest[1]), []).append(int(name))
+    return children
+
+
+def process_tree_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds (user + system, all threads) of ``pids`` and all their live descendants."""
+    pids = list(pids)
+    if not pids:
+        return 0.0
+    children = _proc_children()
+    seen: set[int] = set()
+    stack = list(pids)
+    total = 0.0
+    tck = os.sysconf("SC_CLK_TCK")
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        # fields after the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
+        total += (int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])) / tck
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+class CpuMonitor:
+    """CPU time used by *other* processes during a measurement, as a fraction of all cores.
+
+    ``pids`` (or a callable returning them) are processes that belong to the measurement, e.g. a
+    server under test: their CPU time (and their children's) counts as own, not foreign. A process
+    tree that exits during the measurement is not seen at ``stop`` and its time would count as
+    foreign, so stop the monitor before stopping the server.
+    """
+
+    def __init__(self, pids: Iterable[int] | Callable[[], Iterable[int]] = ()) -> None:
+        self._pids = pids
+        self.t0 = time.perf_counter()
+        self.busy0 = system_busy_seconds()
+        self.own0 = own_cpu_seconds()
+        self.tree0 = process_tree_cpu_seconds(self._pid_list())
+
+    def _pid_list(self) -> list[int]:
+        return list(self._pids() if callable(self._pids) else self._pids)
+
+    def stop(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self.t0
+        busy, own = system_busy_seconds(), own_cpu_seconds()
+        tree = process_tree_cpu_seconds(self._pid_list())
+        if busy is None or self.busy0 is None or wall <= 0:
+            return {"foreign_cpu_frac": None, "own_cpu_frac": None}
+        ncpu = os.cpu_count() or 1
+        own_used = (own - self.own0) + max(0.0, tree - self.tree0)
+        foreign = max(0.0, (busy - self.busy0) - own_used)
+        res: dict[str, float | None] = {
+            "foreign_cpu_frac": foreign / (wall * ncpu),
+            "own_cpu_frac": (own - self.own0) / (wall * ncpu),
+        }
+        if self._pid_list():
+            res["server_cpu_frac"] = max(0.0, tree - self.tree0) / (wall * ncpu)
+        return res
+
+
+def check_quiet(what: str, mon: dict[str, Any], threshold: float = 0.1) -> bool:
+    """Warn (and return False) when other processes used more than ``threshold`` of the CPU."""
+    frac = mon.get("foreign_cpu_frac")
+    if frac is not None and frac > threshold:
+        logger.warning("%s: other processes used %.0f%% of the CPU during the measurement; "
+                       "the numbers are not representative", what, 100 * frac)
+        return False
+    return True
+
+
+def wait_quiet(max_wait: float | None = None, threshold: float = 0.1,
+               pids: Iterable[int] | Callable[[], Iterable[int]] = ()) -> float:
+    """Before a timed run: wait (up to ``max_wait`` s) until other processes use < threshold of the CPU.
+
+    ``pids``: processes of the measurement itself (an idle server under test) not to count as foreign.
+    Returns the seconds waited.
+    """
+    max_wait = _WAIT_QUIET_S if max_wait is None else max_wait
+    if max_wait <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    while True:
+        mon = CpuMonitor(pids)
+        time.sleep(1.0)
+        frac = mon.stop()["foreign_cpu_frac"]
+        waited = time.perf_counter() - t0
+        if frac is None or frac < threshold:
+            if waited > 1.5:
+                logger.info("machine quiet after %.0f s", waited)
+            return waited
+        if waited >= max_wait:
+            logger.warning("machine still busy (%.0f%% foreign CPU) after %.0f s; measuring anyway", 100 * frac, waited)
+            return waited
+
+
+def measure_bandwidth(mbytes: int = 512, reps: int = 10) -> dict[str, float]:
+    """Large-tensor memory bandwidth in GB/s: copy (read + write bytes counted), read-only (sum), matvec."""
+    import torch
+
+    n = mbytes * (1 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    src.sum()
+    copy_t, read_t = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        src.sum()
+        read_t.append(time.perf_counter() - t0)
+    nbytes = src.numel() * src.element_size()
+    res = {
+        "buffer_mb": mbytes,
+        "copy_gb_s": 2 * nbytes / min(copy_t) / 1e9,
+        "read_gb_s": nbytes / min(read_t) / 1e9,
+    }
+    del src, dst
+    # the decode access pattern: one matrix-vector product streaming a weight matrix
+    mat = torch.ones(n // 4096, 4096, dtype=torch.float32)
+    vec = torch.ones(4096, dtype=torch.float32)
+    torch.mv(mat, vec)
+    mv_t = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mv(mat, vec)
+        mv_t.append(time.perf_counter() - t0)
+    res["matvec_gb_s"] = mat.numel() * mat.element_size() / min(mv_t) / 1e9
+    del mat, vec
+    return res
+
+
+def measure_matmul(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Peak GFLOP/s of an n x n x n matmul in bf16 and fp32 (best of ``reps``)."""
+    import torch
+
+    out: dict[str, float] = {"n": n}
+    for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        a = torch.randn(n, n).to(dt)
+        b = torch.randn(n, n).to(dt)
+        torch.mm(a, b)  # warm-up (picks the kernel, e.g. oneDNN AMX for bf16)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_gflop_s"] = 2 * n**3 / best / 1e9
+        del a, b
+    return out
+
+
+def basic_machine_info() -> dict[str, Any]:
+    """CPU, cores, Python and platform, load average now (no measurement, no torch import)."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": list(os.getloadavg()),
+    }
+
+
+def process_tree_peak_rss_mb(pids: Iterable[int]) -> float | None:
+    """Sum of the peak resident set sizes (VmHWM) of ``pids`` and their live descendants, in MiB."""
+    pids = list(pids)
+    if not pids:
+        return None
+    children = _proc_children()
+    seen: set[int] = set()
+    stack = list(pids)
+    total_kb = 0
+    found = False
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total_kb += int(line.split()[1])
+                        found = True
+                        break
+        except OSError:
+            continue
+        stack.extend(children.get(pid, ()))
+    return total_kb / 1024 if found else None
