@@ -206,9 +206,12 @@ class LLMEngine:
             blocked = ()
             if seq.num_output_tokens < p.min_tokens:
                 blocked = tuple(self.eos_token_ids) + tuple(p.stop_token_ids or ())
-            sampling_rows.append(
-                SamplingRow(p, seq.generator, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, blocked)
-            )
+            # Only penalties read the token history: don't copy it every step for rows that have none.
+            if p.needs_penalties:
+                prompt_ids, output_ids = seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids
+            else:
+                prompt_ids = output_ids = ()
+            sampling_rows.append(SamplingRow(p, seq.generator, prompt_ids, output_ids, blocked))
         results = self.sampler(batch, sampling_rows)
         now = time.monotonic()
         for seq, res in zip(seqs, results):
