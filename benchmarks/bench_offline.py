@@ -40,6 +40,7 @@ from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.bench import hf_baseline  # noqa: E402
 from tokenmill.bench.machine import (  # noqa: E402
     CpuMonitor,
+    bandwidth_bytes_s,
     check_quiet,
     cpu_flags,
     cpu_model,
@@ -48,7 +49,9 @@ from tokenmill.bench.machine import (  # noqa: E402
     set_wait_quiet_default,
     wait_quiet,
 )
+from tokenmill.bench.offline import greedy_params, run_offline  # noqa: E402
 from tokenmill.bench.workloads import (  # noqa: E402
+    Workload,
     DECODE1_OUTPUT_TOKENS,
     DECODE1_PROMPT_TOKENS,
     SHAREGPT_128_OUTPUT_TOKENS,
@@ -116,10 +119,6 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -146,29 +145,25 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, float
 def tokenmill_offline_run(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
     wait_quiet()
     mon = CpuMonitor()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, greedy(max_tokens), use_tqdm=False)
-    wall = time.perf_counter() - t0
+    res = run_offline(llm, Workload("sharegpt", prompts, [max_tokens] * len(prompts)), keep_outputs=True)
     cpu = mon.stop()
     check_quiet("tokenmill offline", cpu)
-    lens = [len(o.outputs[0].token_ids) for o in outs]
-    if any(n != max_tokens for n in lens):
+    if res["short_requests"]:
+        lens = [r["output_tokens"] for r in res["requests"]]
         logger.warning("tokenmill returned %s..%s tokens per request, expected %d", min(lens), max(lens), max_tokens)
-    out_tokens = sum(lens)
-    ttfts = [o.metrics.ttft for o in outs]
     return {
-        "wall_time": wall,
-        "output_tokens": out_tokens,
-        "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
-        "output_tok_s": out_tokens / wall,
-        "total_tok_s": (out_tokens + sum(len(p) for p in prompts)) / wall,
-        "requests_s": len(outs) / wall,
-        "ttft_median": median(ttfts),
-        "ttft_max": max((t for t in ttfts if t is not None), default=None),
-        "queue_time_median": median([o.metrics.queue_time for o in outs]),
-        "cached_prompt_tokens": sum(getattr(o, "num_cached_tokens", 0) or 0 for o in outs),
+        "wall_time": res["duration"],
+        "output_tokens": res["output_tokens"],
+        "prompt_tokens": res["prompt_tokens"],
+        "output_tok_s": res["output_tok_s"],
+        "total_tok_s": res["total_tok_s"],
+        "requests_s": res["requests_s"],
+        "ttft_median": res["ttft"]["median"],
+        "ttft_max": res["ttft"]["max"],
+        "queue_time_median": res["queue_time"]["median"],
+        "cached_prompt_tokens": res["cached_prompt_tokens"],
         **cpu,
-        "_outputs": [list(o.outputs[0].token_ids) for o in outs],
+        "_outputs": res["outputs"],
     }
 
 
@@ -209,7 +204,7 @@ def tokenmill_decode1_run(llm: LLM, prompt: list[int], max_tokens: int) -> dict[
     the engine's own RequestMetrics are kept alongside as ``engine_*``."""
     wait_quiet()
     mon = CpuMonitor()
-    out, stamps, t0 = _stream_one(llm, prompt, greedy(max_tokens), f"bench-decode1-{next(_decode_ids)}")
+    out, stamps, t0 = _stream_one(llm, prompt, greedy_params(max_tokens), f"bench-decode1-{next(_decode_ids)}")
     wall = time.perf_counter() - t0
     cpu = mon.stop()
     check_quiet("tokenmill decode-1", cpu)
@@ -263,8 +258,8 @@ def bench_tokenmill(dtype: str, args: argparse.Namespace, prompts: list[list[int
             logger.warning("sharegpt-128 has %d prompt tokens, expected %d", total, SHAREGPT_128_TOTAL_TOKENS)
 
     logger.info("[tokenmill %s] warm-up", dtype)
-    llm.generate(prompts[: min(16, len(prompts))], greedy(8), use_tqdm=False)
-    llm.generate([d1_prompt], greedy(8), use_tqdm=False)
+    llm.generate(prompts[: min(16, len(prompts))], greedy_params(8), use_tqdm=False)
+    llm.generate([d1_prompt], greedy_params(8), use_tqdm=False)
 
     offline_runs, d1_runs = [], []
     for r in range(args.repeats):
@@ -368,8 +363,7 @@ def limits(dtype: str, machine: dict[str, Any], model: dict[str, Any], args: arg
     """Physical upper bounds for this dtype: decode-1 by bandwidth, batched throughput by matmul peak."""
     elem = ELEM_SIZE[dtype]
     bw = machine["bandwidth"]
-    # the largest of the measured figures gives the strictest (lowest) fraction
-    bandwidth = max(bw["copy_gb_s"], bw["read_gb_s"], bw.get("matvec_gb_s", 0.0)) * 1e9
+    bandwidth = bandwidth_bytes_s(bw)
     weight_bytes = model["num_params"] * elem
     # decode-1: on average the step reads the KV of (prompt + half the output) tokens
     avg_ctx = DECODE1_PROMPT_TOKENS + args.decode_tokens / 2

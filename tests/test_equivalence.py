@@ -74,10 +74,11 @@ def test_greedy_matches_transformers(tiny, scenario):
 
 
 def test_portable_decode_path_matches_transformers(tiny, monkeypatch):
-    """The gather + SDPA decode path (CUDA, or CPUs without a compiler) gives the same tokens."""
-    import tokenmill.model.layers.attention as attention
+    """The PyTorch paths (CUDA, or CPUs without a compiler): gather + SDPA decode, unfused norm/RoPE/SwiGLU."""
+    import tokenmill.model.layers.cpu_kernels as cpu_kernels
 
-    monkeypatch.setattr(attention, "paged_decode_kernel", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_ops", None)
+    monkeypatch.setattr(cpu_kernels, "_loaded", True)
     arch, path, ref = tiny
     prompts = _prompts(ref.config.vocab_size, [3, 17, 30], seed=5)
     llm = LLM(path, dtype="float32", block_size=4)

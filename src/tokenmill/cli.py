@@ -1,4 +1,4 @@
-"""Command line: tokenmill serve | generate (more subcommands arrive with their issues)."""
+"""Command line: tokenmill generate | serve | bench (serve | offline | hf-baseline | roofline; see tokenmill.bench.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) accepted")
     s.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests before /health says ready")
     s.set_defaults(func=cmd_serve)
+
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
 
     args = parser.parse_args(argv)
     default_level = "INFO" if args.command == "serve" else "WARNING"

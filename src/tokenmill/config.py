@@ -64,13 +64,23 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
 
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by group: embeddings, attention (q/k/v/o and the QKV bias), MLP (gate/up/down), RMS norms
+        (two per layer and the final one), lm_head (0 when tied to the embeddings)."""
+        h, i, d, n = self.hidden_size, self.intermediate_size, self.head_dim, self.num_layers
+        qkv_out = d * (self.num_heads + 2 * self.num_kv_heads)
+        attn = h * qkv_out + self.num_heads * d * h + (qkv_out if self.attention_bias else 0)
+        return {
+            "embed_tokens": self.vocab_size * h,
+            "attention": n * attn,
+            "mlp": n * 3 * h * i,
+            "norms": n * 2 * h + h,
+            "lm_head": 0 if self.tie_word_embeddings else self.vocab_size * h,
+        }
+
     @property
     def num_params(self) -> int:
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * h * i + 2 * h
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
+        return sum(self.param_counts().values())
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()

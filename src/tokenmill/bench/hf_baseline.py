@@ -2,7 +2,8 @@
 
 This is "the naive server design" of WORKLOADS.md: requests are cut into fixed batches of 16 in
 arrival order, each batch is left-padded to its longest prompt and decoded to completion before the
-next batch starts. It loads the same GGUF the engine serves (dequantised to the serving dtype).
+next batch starts. It loads the same GGUF the engine serves (dequantised to the serving dtype), or a HF
+directory. The command line is ``tokenmill bench hf-baseline`` (tokenmill.bench.cli).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -85,12 +87,19 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
 
 
-def load_hf_model(gguf_path: str | None = None, dtype: str | torch.dtype = "bfloat16") -> tuple[Any, Any]:
-    """(model, tokenizer) from the GGUF via transformers, weights dequantised to ``dtype``, eval mode."""
+def load_hf_model(path: str | None = None, dtype: str | torch.dtype = "bfloat16") -> tuple[Any, Any]:
+    """(model, tokenizer) via transformers from a GGUF file (weights dequantised to ``dtype``) or a HF
+    directory; eval mode. Default: the embedded SmolLM2 GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = gguf_path or smollm2_gguf_path()
-    directory, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    path = path or smollm2_gguf_path()
+    if os.path.isdir(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        model.eval()
+        return model, AutoTokenizer.from_pretrained(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model path {path!r} is neither a directory nor a .gguf file")
+    directory, name = os.path.dirname(path), os.path.basename(path)
     kwargs: dict[str, Any] = {"gguf_file": name, "dtype": resolve_dtype(dtype)}
     try:  # transformers 5.x: ask for a plain dense model explicitly (it is also the fallback)
         from transformers import GgufConfig
@@ -147,13 +156,18 @@ def run_static_batches(
     model: Any,
     prompts: list[list[int]],
     batch_size: int = 16,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     pad_token_id: int | None = None,
     dtype: str = "",
 ) -> HFRunResult:
-    """Greedy-generate exactly ``max_new_tokens`` for every prompt, ``batch_size`` prompts at a time."""
+    """Greedy-generate exactly ``max_new_tokens`` (one for all, or one per prompt) for every prompt,
+    ``batch_size`` prompts at a time. A batch runs until its longest request is done (the static design);
+    only the tokens each request asked for are counted and returned."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    wanted = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(wanted) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(wanted)} max_new_tokens")
     pad_id = pad_token_id_of(model) if pad_token_id is None else pad_token_id
     outputs: list[list[int]] = []
     batch_times: list[float] = []
@@ -161,16 +175,18 @@ def run_static_batches(
     with torch.inference_mode():
         start = time.perf_counter()
         for b in range(0, len(prompts), batch_size):
-            batch = prompts[b:b + batch_size]
+            batch, batch_wanted = prompts[b:b + batch_size], wanted[b:b + batch_size]
+            steps = max(batch_wanted)
             t0 = time.perf_counter()
             ids, mask = left_pad(batch, pad_id)
-            seq = _generate(model, ids, mask, max_new_tokens, pad_id)
+            seq = _generate(model, ids, mask, steps, pad_id)
             new = seq[:, ids.shape[1]:]
             batch_times.append(time.perf_counter() - t0)
-            if new.shape[1] != max_new_tokens:
-                raise RuntimeError(f"HF generate returned {new.shape[1]} new tokens, expected {max_new_tokens}")
-            outputs.extend(new.tolist())
-            out_tokens += new.numel()
+            if new.shape[1] != steps:
+                raise RuntimeError(f"HF generate returned {new.shape[1]} new tokens, expected {steps}")
+            for row, n in zip(new.tolist(), batch_wanted):
+                outputs.append(row[:n])
+                out_tokens += n
         wall = time.perf_counter() - start
     return HFRunResult(
         dtype=dtype or str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -179,7 +195,7 @@ def run_static_batches(
         num_batches=len(batch_times),
         prompt_tokens=sum(len(p) for p in prompts),
         output_tokens=out_tokens,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(wanted, default=0),
         wall_time=wall,
         batch_times=batch_times,
         outputs=outputs,

@@ -16,18 +16,15 @@ arrivals, or gamma with ``burstiness`` != 1; ``inf`` sends all at once), or both
 arrivals with a concurrency cap). The run summary has completed/failed counts, duration,
 request/s, output and total tok/s, mean/median/p90/p99 of TTFT, TPOT, ITL and e2e, and goodput
 against SLOs on TTFT and TPOT. Results are dataclasses with ``to_dict()`` (JSON-serialisable).
-
-    python -m tokenmill.bench.load_client --base-url http://127.0.0.1:8000 --concurrency 16
+The command line is ``tokenmill bench serve`` (tokenmill.bench.cli).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -481,113 +478,15 @@ def wait_for_server(base_url: str, path: str = "/health", timeout: float = 300.0
         time.sleep(interval)
 
 
-def sharegpt_requests(tokenizer: Any, num_prompts: int = 128, max_tokens: int = 128,
-                      prompt_format: str = "ids") -> list[RequestSpec]:
-    """The sharegpt-N workload (WORKLOADS.md): token-id prompts, or their decoded text (``"text"``)."""
-    from .workloads import encode_fn, sharegpt_prompts
-
-    prompts = sharegpt_prompts(encode_fn(tokenizer), num=num_prompts)
-    return prompts_to_requests(prompts, max_tokens, tokenizer if prompt_format == "text" else None)
-
-
-def prompts_to_requests(prompts: Sequence[list[int]], max_tokens: int, tokenizer: Any = None) -> list[RequestSpec]:
-    """Token-id prompts as requests; with ``tokenizer`` the prompts are sent as decoded text."""
+def prompts_to_requests(prompts: Sequence[list[int]], max_tokens: int | Sequence[int],
+                        tokenizer: Any = None) -> list[RequestSpec]:
+    """Token-id prompts as requests (``max_tokens``: one for all or one per prompt); with ``tokenizer`` the
+    prompts are sent as decoded text."""
+    per_request = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(per_request) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(per_request)} max_tokens")
     specs = []
-    for ids in prompts:
+    for ids, n in zip(prompts, per_request):
         prompt: str | list[int] = tokenizer.decode(ids) if tokenizer is not None else list(ids)
-        specs.append(RequestSpec(prompt=prompt, prompt_len=len(ids), max_tokens=max_tokens))
+        specs.append(RequestSpec(prompt=prompt, prompt_len=len(ids), max_tokens=n))
     return specs
-
-
-def random_requests(num_prompts: int, input_len: int, max_tokens: int, vocab_size: int = 49152,
-                    seed: int = 0, range_ratio: float = 0.0) -> list[RequestSpec]:
-    """Synthetic prompts of random token ids, lengths uniform in input_len * [1 - r, 1 + r]."""
-    rng = random.Random(seed)
-    lo = max(1, int(input_len * (1 - range_ratio)))
-    hi = max(lo, int(input_len * (1 + range_ratio)))
-    specs = []
-    for _ in range(num_prompts):
-        n = rng.randint(lo, hi)
-        # avoid the lowest ids (special tokens in most vocabularies)
-        ids = [rng.randrange(100, vocab_size) for _ in range(n)]
-        specs.append(RequestSpec(prompt=ids, prompt_len=n, max_tokens=max_tokens))
-    return specs
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def _float_or_inf(s: str) -> float:
-    return math.inf if s.strip().lower() in ("inf", "infinity") else float(s)
-
-
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(description="Streaming load test of an OpenAI-compatible server.")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--endpoint", default=COMPLETIONS, choices=[COMPLETIONS, CHAT_COMPLETIONS])
-    p.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
-    p.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "random"])
-    p.add_argument("--num-prompts", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--random-input-len", type=int, default=256)
-    p.add_argument("--random-range-ratio", type=float, default=0.0)
-    p.add_argument("--prompt-format", default="ids", choices=["ids", "text"],
-                   help="send prompts as token ids or as decoded text (servers without token-id prompts)")
-    p.add_argument("--concurrency", default="16",
-                   help="max requests in flight; a comma list runs a sweep; 0 = unbounded")
-    p.add_argument("--request-rate", type=_float_or_inf, default=math.inf, help="requests/s (Poisson) or inf")
-    p.add_argument("--burstiness", type=float, default=1.0)
-    p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos=true")
-    p.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (llama-cpp-python)")
-    p.add_argument("--no-usage", action="store_true", help="do not ask for stream_options.include_usage")
-    p.add_argument("--extra-body", default=None, help="JSON object merged into every request")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in ms for goodput")
-    p.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in ms for goodput")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--result-file", default=None, help="write the JSON result here")
-    return p
-
-
-def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    if args is None:
-        args = build_parser().parse_args(argv)
-    from .workloads import load_hf_tokenizer
-
-    tokenizer = load_hf_tokenizer()
-    if args.dataset == "sharegpt":
-        specs = sharegpt_requests(tokenizer, args.num_prompts, args.max_tokens, args.prompt_format)
-    else:
-        specs = random_requests(args.num_prompts, args.random_input_len, args.max_tokens, len(tokenizer),
-                                args.seed, args.random_range_ratio)
-        if args.prompt_format == "text":
-            specs = [RequestSpec(tokenizer.decode(s.prompt), s.prompt_len, s.max_tokens) for s in specs]
-    model = args.model or served_model_id(args.base_url, args.api_key)
-    extra = json.loads(args.extra_body) if args.extra_body else None
-    runs = []
-    for c in [int(x) for x in str(args.concurrency).split(",") if x.strip()]:
-        res = run_benchmark(
-            args.base_url, specs, model=model, endpoint=args.endpoint, concurrency=c or None,
-            request_rate=args.request_rate, burstiness=args.burstiness, ignore_eos=not args.no_ignore_eos,
-            min_tokens=args.min_tokens, include_usage=not args.no_usage, extra_body=extra, api_key=args.api_key,
-            tokenizer=tokenizer, timeout=args.timeout,
-            slo_ttft=args.slo_ttft / 1000 if args.slo_ttft is not None else None,
-            slo_tpot=args.slo_tpot / 1000 if args.slo_tpot is not None else None,
-            progress=not args.no_progress, seed=args.seed,
-        )
-        print("\n".join(res.summary_lines()))
-        runs.append(res)
-    if args.result_file:
-        out = {"dataset": args.dataset, "runs": [r.to_dict() for r in runs]}
-        with open(args.result_file, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.result_file}")
-    return 0 if all(r.failed == 0 for r in runs) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

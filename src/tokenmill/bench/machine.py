@@ -10,6 +10,8 @@ Shared by ``benchmarks/bench_offline.py`` and ``benchmarks/bench_online.py``:
   as "own" time, not foreign.
 * ``wait_quiet``: before a timed run, wait until the rest of the machine is idle.
 * ``measure_bandwidth`` / ``measure_matmul``: the physical limits (need torch; imported lazily).
+* ``roofline``: a model's decode and throughput limits on this machine from those measurements and
+  its config alone (``tokenmill bench roofline``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -234,12 +236,14 @@ def measure_bandwidth(mbytes: int = 512, reps: int = 10) -> dict[str, float]:
     return res
 
 
-def measure_matmul(n: int = 2048, reps: int = 5) -> dict[str, float]:
-    """Peak GFLOP/s of an n x n x n matmul in bf16 and fp32 (best of ``reps``)."""
+def measure_matmul(n: int = 2048, reps: int = 5,
+                   dtypes: Sequence[str] = ("bfloat16", "float32")) -> dict[str, float]:
+    """Peak GFLOP/s of an n x n x n matmul per dtype (best of ``reps``), as ``{dtype}_gflop_s``."""
     import torch
 
     out: dict[str, float] = {"n": n}
-    for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+    for name in dtypes:
+        dt = _torch_dtype(name)
         a = torch.randn(n, n).to(dt)
         b = torch.randn(n, n).to(dt)
         torch.mm(a, b)  # warm-up (picks the kernel, e.g. oneDNN AMX for bf16)
@@ -291,3 +295,44 @@ def process_tree_peak_rss_mb(pids: Iterable[int]) -> float | None:
             continue
         stack.extend(children.get(pid, ()))
     return total_kb / 1024 if found else None
+
+
+def _torch_dtype(name: str) -> Any:
+    from tokenmill.config import DTYPES
+
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(sorted(DTYPES))})") from None
+
+
+def bandwidth_bytes_s(bandwidth: dict[str, float]) -> float:
+    """The bandwidth the limits use: the largest measured figure (copy, read, matvec), in bytes/s; the
+    largest gives the strictest (lowest) fraction of the limit."""
+    return max(bandwidth["copy_gb_s"], bandwidth["read_gb_s"], bandwidth.get("matvec_gb_s", 0.0)) * 1e9
+
+
+def roofline(param_counts: dict[str, int], bandwidth: dict[str, float], matmul: dict[str, float],
+             dtypes: Sequence[str]) -> dict[str, Any]:
+    """Physical limits of a model with ``param_counts`` (ModelConfig.param_counts()) per dtype.
+
+    decode tokens/s <= bandwidth / weight bytes (one step of batch 1 reads every weight once; KV ignored);
+    batched tokens/s <= matmul FLOP/s / (2 x parameters). ``bandwidth`` and ``matmul`` are
+    measure_bandwidth() / measure_matmul() results (matmul must have every dtype).
+    """
+    params = sum(param_counts.values())
+    bw = bandwidth_bytes_s(bandwidth)
+    per_dtype: dict[str, Any] = {}
+    for name in dtypes:
+        elem = _torch_dtype(name).itemsize
+        flops = matmul[f"{name}_gflop_s"] * 1e9
+        weight_bytes = params * elem
+        per_dtype[name] = {
+            "bytes_per_param": elem,
+            "weight_bytes": weight_bytes,
+            "matmul_gflop_s": flops / 1e9,
+            "decode_tok_s_limit": bw / weight_bytes if weight_bytes else None,
+            "throughput_tok_s_limit": flops / (2 * params) if params else None,
+        }
+    return {"params": params, "param_counts": dict(param_counts), "bandwidth_gb_s_used": bw / 1e9,
+            "per_dtype": per_dtype}

@@ -398,6 +398,7 @@ class AsyncEngine:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
+        batch: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         for out in outputs:
             with self._cond:
                 state = self._requests.get(out.request_id)
@@ -418,13 +419,19 @@ class AsyncEngine:
                     state.last_token_time = now
                 if out.finished:
                     self._notify_observer("on_request_finished", out)
-                    self._finish_state(state, out)
+                    self._finish_state(state, out, batch)
                 else:
-                    self._post(state, out)
+                    self._post(state, out, batch)
             except Exception as e:  # a bug in one request's bookkeeping must not stop the others
                 logger.exception("delivering output of request %s failed", out.request_id)
                 self.engine.abort_request(out.request_id, "error")
-                self._finish_state(state, RequestFailedError(f"internal error: {e}"))
+                self._finish_state(state, RequestFailedError(f"internal error: {e}"), batch)
+        # One wake-up of each event loop per step, not one per request.
+        for loop, items in batch.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                logger.debug("event loop closed; dropping %d outputs", len(items))
 
     def _notify_observer(self, name: str, *args: Any) -> None:
         try:
@@ -432,13 +439,16 @@ class AsyncEngine:
         except Exception:
             logger.exception("engine observer %s failed", name)
 
-    def _post(self, state: _RequestState, item: Any) -> None:
+    def _post(self, state: _RequestState, item: Any, batch: dict | None = None) -> None:
+        if batch is not None:
+            batch.setdefault(state.loop, []).append((state.queue, item))
+            return
         try:
             state.loop.call_soon_threadsafe(state.queue.put_nowait, item)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
             logger.debug("event loop of request %s is closed; dropping its output", state.request_id)
 
-    def _finish_state(self, state: _RequestState, final: Any) -> None:
+    def _finish_state(self, state: _RequestState, final: Any, batch: dict | None = None) -> None:
         with self._cond:
             if state.finished:
                 return
@@ -446,7 +456,7 @@ class AsyncEngine:
             self._requests.pop(state.request_id, None)
             if not state.scheduled:
                 self._num_queued -= 1
-        self._post(state, final)
+        self._post(state, final, batch)
 
     def _fail_in_flight(self, error: Exception) -> None:
         """After a failed step: abort every request the engine holds and fail its stream."""
@@ -474,6 +484,11 @@ class AsyncEngine:
             self._finish_state(state, error)
         for add in adds:
             self._finish_state(add.state, error)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:

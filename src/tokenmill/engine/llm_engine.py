@@ -44,6 +44,7 @@ class LLMEngine:
             model = cls(cfg, max_positions=self.max_model_len)
         model = model.to(self.dtype)
         model.load_weights(iter_weights(self.model_path))
+        model.prepare_for_inference()
         self.model = model.eval()
         self.tokenizer = Tokenizer.from_path(config.tokenizer or self.model_path)
         logger.info("loaded %s (%s, %s) in %.1fs", self.model_path, cfg.architecture, self.dtype, time.perf_counter() - t0)

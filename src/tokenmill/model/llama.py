@@ -11,9 +11,9 @@ from torch import nn
 from ..config import ModelConfig
 from .layers.activation import silu_and_mul
 from .layers.attention import AttentionMetadata, PagedAttention
-from .layers.linear import Linear, dense
+from .layers.linear import Linear, pack_linear_weights
 from .layers.norm import RMSNorm
-from .layers.rotary import RotaryEmbedding, apply_rotary
+from .layers.rotary import RopeInputs, RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +31,11 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: RopeInputs,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
+        q, k, v = self.attn.rotate_and_store(self.qkv_proj(x), rope, kv_cache, meta)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -62,9 +57,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, rope, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs, kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream kept separately (vLLM-style) so each add fuses into the following norm.
+        Returns (this layer's MLP output, the residual stream before it is added)."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(x, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -76,14 +81,18 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def prepare_for_inference(self) -> None:
+        """Called once after loading: device-specific weight layouts (oneDNN-packed bf16 linears on CPU)."""
+        pack_linear_weights(self, shared={id(self.embed_tokens.weight)})
 
     def forward(
         self,
@@ -96,10 +105,14 @@ class LlamaForCausalLM(nn.Module):
         """Runs the flat batch; returns float32 logits for the rows in `logits_indices` only."""
         h = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, h.dtype)
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(h, rope, cache, meta)
-        h = self.norm(h.index_select(0, logits_indices))
-        return dense(h, self.lm_head_weight).float()
+            h, residual = layer(h, residual, rope, cache, meta)
+        if residual is None:  # no layers
+            h = self.norm(h.index_select(0, logits_indices))
+        else:
+            h, _ = self.norm.add_forward(h.index_select(0, logits_indices), residual.index_select(0, logits_indices))
+        return self.lm_head(h).float()
 
     # ---- weight loading -------------------------------------------------------------------------------------
     _STACKED = {
@@ -134,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
                 dst = params[name].data[lo:hi]
                 loaded.add(f"{name}#{idx}")
             else:
-                if name == "lm_head.weight" and self.lm_head is None:
+                if name == "lm_head.weight" and self.config.tie_word_embeddings:
                     continue  # tied: some checkpoints store the copy anyway
                 if name not in params:
                     raise KeyError(f"unexpected weight {hf_name!r} for {cfg.architecture}")

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import paged_decode_kernel
+from .cpu_kernels import cpu_ops
+from .rotary import RopeInputs, apply_rotary
 
 # Query rows per SDPA call when a prefill needs an explicit mask (cached prefix or sliding window):
 # keeps the mask and the kernel's working set at O(tile x context), never O(context^2).
@@ -65,16 +66,30 @@ class PagedAttention:
         self.window = sliding_window
         self.scale = head_dim**-0.5
 
+    def rotate_and_store(
+        self, qkv: torch.Tensor, rope: RopeInputs, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splits a fused QKV output [T, (Hq + 2 Hkv) D] into q, k, v, applies RoPE to q and k and writes k, v to
+        their cache slots. On CPU one fused kernel does it all in place."""
+        t, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        ops = cpu_ops() if qkv.device.type == "cpu" and kv_cache.dtype == qkv.dtype else None
+        if ops is not None:
+            qkv = qkv.contiguous()
+            ops.rotary_store(qkv, rope.positions, rope.cos_table, rope.sin_table, kv_cache[0], kv_cache[1],
+                             meta.slot_mapping, hq, hkv, d)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+        if ops is None:
+            q, k = apply_rotary(q, k, rope)
+            _, num_blocks, block_size, _, _ = kv_cache.shape
+            kv_cache[0].view(num_blocks * block_size, hkv, d).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
+            kv_cache[1].view(num_blocks * block_size, hkv, d).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+        return q, k, v
+
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns [T, Hq * D]."""
-        _, num_blocks, block_size, hkv, d = kv_cache.shape
-        k_flat = kv_cache[0].view(num_blocks * block_size, hkv, d)
-        v_flat = kv_cache[1].view(num_blocks * block_size, hkv, d)
-        k_flat.index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-        v_flat.index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
-
+        """q: [T, Hq, D]; k, v: [T, Hkv, D], already in the cache (rotate_and_store). Returns [T, Hq * D]."""
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd:
@@ -87,10 +102,9 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         bt = meta.decode_block_tables
         assert bt is not None
-        if kv_cache.device.type == "cpu" and q.dtype == kv_cache.dtype:
-            kernel = paged_decode_kernel()
-            if kernel is not None:
-                return kernel(
+        ops = cpu_ops() if kv_cache.device.type == "cpu" and q.dtype == kv_cache.dtype else None
+        if ops is not None:
+            return ops.paged_decode(
                     q.contiguous(), kv_cache[0], kv_cache[1], bt, meta.decode_context_lens,
                     -1 if self.window is None else self.window, self.scale,
                 )

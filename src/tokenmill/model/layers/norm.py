@@ -1,8 +1,11 @@
-"""RMSNorm as Llama-family models define it (normalise in float32, scale in the model dtype)."""
+"""RMSNorm as Llama-family models define it (normalise in float32, scale in the model dtype), with the residual
+add fused in: `add_forward` updates the residual stream and normalises it in one pass."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .cpu_kernels import cpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -12,6 +15,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = cpu_ops() if x.device.type == "cpu" else None
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return self._norm(x)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + x (in the model dtype) -> (normalised, new residual). May update `residual` in place."""
+        ops = cpu_ops() if x.device.type == "cpu" else None
+        if ops is not None:
+            return ops.add_rms_norm(residual, x, self.weight, self.eps), residual
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

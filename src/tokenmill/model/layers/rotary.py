@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +35,26 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     raise ValueError(f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
+@dataclass
+class RopeInputs:
+    """A batch's positions and the float32 tables; the per-token cos/sin are looked up once per forward pass, on
+    first use (the fused CPU kernel reads the tables directly and never needs them)."""
+
+    positions: torch.Tensor  # [T] int64
+    cos_table: torch.Tensor  # [max_positions, D/2] float32
+    sin_table: torch.Tensor
+    dtype: torch.dtype
+    _cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] in the model dtype."""
+        if self._cos_sin is None:
+            cos = self.cos_table.index_select(0, self.positions).to(self.dtype)[:, None, :]
+            sin = self.sin_table.index_select(0, self.positions).to(self.dtype)[:, None, :]
+            self._cos_sin = (cos, sin)
+        return self._cos_sin
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables indexed by absolute position."""
 
@@ -41,19 +62,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # Plain attributes, not buffers: the tables stay float32 when the model is cast to bf16 (the fused CPU
+        # kernel reads them as float32; the PyTorch path casts the looked-up rows, as HF does).
+        self.cos = freqs.cos()
+        self.sin = freqs.sin()
         self.max_positions = max_positions
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D/2] for a batch's positions; computed once per forward pass, shared by all layers."""
-        cos = self.cos.index_select(0, positions).to(dtype)[:, None, :]
-        sin = self.sin.index_select(0, positions).to(dtype)[:, None, :]
-        return cos, sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
+        """The rotary inputs of a batch, shared by all layers of one forward pass."""
+        return RopeInputs(positions, self.cos, self.sin, dtype)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hkv, D]; returns rotated copies."""
+    cos, sin = rope.cos_sin()
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

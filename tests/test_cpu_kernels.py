@@ -1,0 +1,124 @@
+"""The fused CPU kernels against the PyTorch reference paths they replace (and the packed bf16 linear)."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill.model.layers import cpu_kernels
+from tokenmill.model.layers.activation import silu_and_mul
+from tokenmill.model.layers.linear import Linear, onednn_bf16_available
+from tokenmill.model.layers.norm import RMSNorm
+from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    ops = cpu_kernels.cpu_ops()
+    assert ops is not None, "a compiler is present, so the CPU kernels must build (see the warning in the log)"
+    return ops
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_fused_add(ops, dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(7, 96, dtype=dtype) * 3
+    res = torch.randn(7, 96, dtype=dtype)
+    want = norm._norm(x)
+    torch.testing.assert_close(ops.rms_norm(x, norm.weight, 1e-5), want, **_tol(dtype))
+    want_res = res + x
+    want_out = norm._norm(want_res)
+    res_k = res.clone()
+    out = ops.add_rms_norm(res_k, x, norm.weight, 1e-5)
+    torch.testing.assert_close(res_k, want_res, atol=0, rtol=0)  # the add rounds exactly like torch's
+    torch.testing.assert_close(out, want_out, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(ops, dtype):
+    torch.manual_seed(1)
+    x = torch.randn(5, 2 * 40, dtype=dtype) * 4
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_and_mul(x), F.silu(gate) * up, **_tol(dtype))
+    assert silu_and_mul(x).shape == (5, 40)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_store_matches_rotate_then_index_copy(ops, dtype):
+    torch.manual_seed(2)
+    hq, hkv, d, t, blocks, bs = 6, 2, 16, 9, 8, 4
+    rope = RotaryEmbedding(d, 128, 10000.0, None)
+    positions = torch.tensor([0, 5, 6, 7, 100, 3, 4, 2, 127])
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, dtype=dtype)
+    slots = torch.randperm(blocks * bs)[:t]
+    ref_q, ref_k, ref_v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    ref_q, ref_k = apply_rotary(ref_q.reshape(t, hq, d), ref_k.reshape(t, hkv, d), rope.lookup(positions, dtype))
+    kc = torch.zeros(blocks, bs, hkv, d, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    got = qkv.clone()
+    ops.rotary_store(got, positions, rope.cos, rope.sin, kc, vc, slots, hq, hkv, d)
+    q, k, v = got.split([hq * d, hkv * d, hkv * d], dim=-1)
+    torch.testing.assert_close(q.reshape(t, hq, d), ref_q, **_tol(dtype))
+    torch.testing.assert_close(k.reshape(t, hkv, d), ref_k, **_tol(dtype))
+    torch.testing.assert_close(kc.view(-1, hkv, d)[slots], ref_k, **_tol(dtype))
+    torch.testing.assert_close(vc.view(-1, hkv, d)[slots], ref_v.reshape(t, hkv, d), atol=0, rtol=0)
+    untouched = torch.ones(blocks * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert kc.view(-1, hkv, d)[untouched].abs().sum() == 0
+
+
+@pytest.mark.skipif(not onednn_bf16_available(), reason="no native bf16 in oneDNN on this CPU")
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_packed_bf16_linear_equals_f_linear(rows):
+    torch.manual_seed(3)
+    lin = Linear(96, 160, bias=True).to(torch.bfloat16)
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    assert lin.pack_for_cpu()
+    assert lin.weight.numel() == 0  # the dense copy is released
+    torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-2, rtol=1e-2)
+
+
+def test_fp32_linear_is_not_packed():
+    lin = Linear(8, 8)
+    assert not lin.pack_for_cpu()
+    assert lin.packed is None and lin.weight.numel() == 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_decode_matches_sdpa_reference(ops, dtype, window):
+    """Decode attention read from scattered blocks equals SDPA over each sequence's contiguous keys (GQA 9:3,
+    head_dim 64: the bf16 path takes the AVX512-BF16 kernel where the CPU has it)."""
+    torch.manual_seed(4)
+    hq, hkv, d, bs, nblocks = 9, 3, 64, 4, 40
+    lens = torch.tensor([1, 7, 16, 33, 50])
+    kc = torch.randn(nblocks, bs, hkv, d, dtype=dtype)
+    vc = torch.randn(nblocks, bs, hkv, d, dtype=dtype)
+    perm = torch.randperm(nblocks)
+    max_blocks = int((lens.max() + bs - 1) // bs)
+    tables = torch.zeros(len(lens), max_blocks, dtype=torch.int64)
+    used = 0
+    for i, n in enumerate(lens.tolist()):
+        nb = (n + bs - 1) // bs
+        tables[i, :nb] = perm[used : used + nb]
+        used += nb
+    q = torch.randn(len(lens), hq, d, dtype=dtype)
+    got = ops.paged_decode(q, kc, vc, tables, lens, -1 if window is None else window, d**-0.5)
+    for i, n in enumerate(lens.tolist()):
+        k = kc[tables[i]].reshape(-1, hkv, d)[:n].float()
+        v = vc[tables[i]].reshape(-1, hkv, d)[:n].float()
+        lo = 0 if window is None else max(0, n - window)
+        k, v = k[lo:].repeat_interleave(hq // hkv, 1), v[lo:].repeat_interleave(hq // hkv, 1)
+        want = F.scaled_dot_product_attention(q[i].float()[:, None], k.transpose(0, 1), v.transpose(0, 1))[:, 0]
+        torch.testing.assert_close(got[i].float(), want, **_tol(dtype))
