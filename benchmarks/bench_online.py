@@ -188,11 +188,11 @@ def median(xs: list[float | None]) -> float | None:
 
 def timed_run(server: ServerProcess, specs: list[RequestSpec], args: argparse.Namespace, *, model: str | None,
               ignore_eos: bool, min_tokens: bool, tokenizer: Any,
-              extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra_body: dict[str, Any] | None = None, concurrency: int | None = None) -> dict[str, Any]:
     waited = wait_quiet(pids=server.pids)
     mon = CpuMonitor(server.pids)
     res = load_client.run_benchmark(
-        server.base_url, specs, model=model, concurrency=args.concurrency, ignore_eos=ignore_eos,
+        server.base_url, specs, model=model, concurrency=concurrency or args.concurrency, ignore_eos=ignore_eos,
         min_tokens=min_tokens, tokenizer=tokenizer, extra_body=extra_body, slo_ttft=args.slo_ttft,
         slo_tpot=args.slo_tpot,
         progress=not args.no_progress, timeout=args.request_timeout,
@@ -259,6 +259,11 @@ def bench_engine(name: str, args: argparse.Namespace, specs: list[RequestSpec], 
             if fresh_per_repeat:
                 server.stop()
                 server = None
+        if name == TOKENMILL and args.ceiling_concurrency and server is not None:
+            run = timed_run(server, specs, args, model=model, concurrency=args.ceiling_concurrency, **opts)
+            entry["ceiling_run"] = run
+            logger.info("[%s] concurrency %d: %.1f output tok/s", name, args.ceiling_concurrency,
+                        run["output_throughput"])
     except Exception as e:
         logger.exception("[%s] failed", name)
         entry["error"] = f"{type(e).__name__}: {e}"
@@ -287,6 +292,34 @@ def bench_engine(name: str, args: argparse.Namespace, specs: list[RequestSpec], 
             "server_peak_rss_mb": median([x.get("server_peak_rss_mb") for x in runs]),
         }
     return entry
+
+
+def bench_hf(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    """transformers' generate() with static batches (the naive server design), same prompts, in this process."""
+    from tokenmill.bench.hf_baseline import load_hf_model, run_static_batches
+
+    try:
+        wait_quiet()
+        model, _ = load_hf_model(args.gguf, args.dtype)
+        res = run_static_batches(model, prompts, args.hf_batch_size, args.max_tokens, dtype=args.dtype)
+        out = res.summary()
+        out.pop("batch_times", None)
+        logger.info("[hf static-%d] %.1f output tok/s", args.hf_batch_size, out["output_tok_s"])
+        del model
+        return out
+    except Exception as e:
+        logger.exception("HF baseline failed")
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def measure_roofline(args: argparse.Namespace) -> dict[str, Any]:
+    from tokenmill.bench.machine import measure_bandwidth, measure_matmul, roofline
+    from tokenmill.model.loader import load_model_config, resolve_model_path
+
+    wait_quiet()
+    cfg = load_model_config(resolve_model_path(args.model))
+    dtypes = sorted({args.dtype, "bfloat16", "float32"})
+    return roofline(cfg.param_counts(), measure_bandwidth(), measure_matmul(dtypes=dtypes), dtypes)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -325,7 +358,13 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     ax = axes[0][0]
     vals = [results["engines"][e]["median"]["output_tok_s"] for e in engines]
-    bars = ax.bar(names, vals, color=colors)
+    hf = results.get("hf_static") or {}
+    bar_names, bar_colors = list(names), list(colors)
+    if hf.get("output_tok_s"):
+        bar_names.append(f"HF static-{hf.get('batch_size')}")
+        bar_colors.append("#8a8a8a")
+        vals = vals + [hf["output_tok_s"]]
+    bars = ax.bar(bar_names, vals, color=bar_colors)
     for rect, v in zip(bars, vals):
         ax.annotate(f"{v:.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom", fontsize=10,
                     xytext=(0, 2), textcoords="offset points")
@@ -395,6 +434,15 @@ def summary_table(results: dict[str, Any]) -> str:
         lines.append(f"{e:<18} {m['output_tok_s']:>9.1f} {f(m['ttft_median']):>10} {f(m['ttft_p99']):>10} "
                      f"{f(m['tpot_median'], 1000, '{:.1f}'):>11} {f(m['tpot_p99'], 1000, '{:.1f}'):>11} "
                      f"{m['failed']:>6} {m['short_requests']:>5}")
+    hf = results.get("hf_static") or {}
+    if hf.get("output_tok_s"):
+        lines.append(f"{'hf static-' + str(hf.get('batch_size')):<18} {hf['output_tok_s']:>9.1f}   (offline, in-process)")
+    if results.get("ratio_vs_hf_static"):
+        lines.append(f"tokenmill / HF static batching: output tok/s {results['ratio_vs_hf_static']:.2f}x")
+    c = results.get("ceiling")
+    if c:
+        lines.append(f"tokenmill at concurrency {c['concurrency']}: {c['output_tok_s']:.1f} output tok/s = "
+                     f"{100 * (c['fraction_of_limit'] or 0):.0f}% of the bf16 matmul limit ({c['bf16_matmul_limit_tok_s']:.0f})")
     r = results.get("ratio_vs_llamacpp")
     if r and r.get("output_tok_s"):
         lines.append(f"tokenmill / llama-cpp-python: output tok/s {r['output_tok_s']:.2f}x; TTFT median "
@@ -435,6 +483,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "AMX CPU crashes in the AMX Q4_1 kernel (or build it with CMAKE_ARGS='-DGGML_NATIVE=OFF "
                         "-DGGML_AVX512=ON ... -DGGML_AMX_INT8=OFF')")
     p.add_argument("--skip-tokenmill", action="store_true")
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers static-batching baseline")
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--ceiling-concurrency", type=int, default=64,
+                   help="one extra tokenmill run at this concurrency for the throughput ceiling (0: skip)")
+    p.add_argument("--skip-roofline", action="store_true")
     p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=900.0)
@@ -541,8 +594,23 @@ def main(argv: list[str] | None = None) -> int:
                 results["engines"][LLAMACPP] = bench_engine(LLAMACPP, args, specs, warm, tokenizer, log_dir)
 
     engines = results["engines"]
+    if not args.skip_hf:
+        results["hf_static"] = bench_hf(args, prompts)
+    if not args.skip_roofline:
+        results["roofline"] = measure_roofline(args)
     if engines.get(TOKENMILL, {}).get("median") and engines.get(LLAMACPP, {}).get("median"):
         results["ratio_vs_llamacpp"] = ratios(engines[TOKENMILL], engines[LLAMACPP])
+    tm = (engines.get(TOKENMILL) or {}).get("median") or {}
+    hf = results.get("hf_static") or {}
+    if tm.get("output_tok_s") and hf.get("output_tok_s"):
+        results["ratio_vs_hf_static"] = tm["output_tok_s"] / hf["output_tok_s"]
+    ceiling = (engines.get(TOKENMILL) or {}).get("ceiling_run")
+    roof = results.get("roofline")
+    if ceiling and roof:
+        limit = roof["per_dtype"][args.dtype]["throughput_tok_s_limit"]
+        results["ceiling"] = {"concurrency": args.ceiling_concurrency, "output_tok_s": ceiling["output_throughput"],
+                              "bf16_matmul_limit_tok_s": limit,
+                              "fraction_of_limit": ceiling["output_throughput"] / limit if limit else None}
     foreign = [r.get("foreign_cpu_frac") for e in engines.values() for r in e.get("runs", [])]
     foreign = [x for x in foreign if x is not None]
     results["max_foreign_cpu_frac"] = max(foreign) if foreign else None

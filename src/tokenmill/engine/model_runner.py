@@ -10,6 +10,7 @@ import torch
 
 from ..config import CacheConfig, ModelConfig
 from ..model.layers.attention import AttentionMetadata, PrefillSpan
+from ..model.layers.cpu_kernels import cpu_ops
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         shape = (2, num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        # Zeroed: masked-out slots still enter the attention kernels' products (weight 0 x value), and garbage
-        # there could be NaN.
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        # The PyTorch decode path multiplies masked-out (padding) slots by weight 0, so garbage there could turn into
+        # NaN: zero the cache for it. The CPU kernels read only valid slots, so on CPU the cache stays unwritten and
+        # the OS commits pages only as blocks are used (fast start, resident memory grows with actual use).
+        alloc = torch.empty if self.device.type == "cpu" and cpu_ops() is not None else torch.zeros
+        self.kv_caches = [alloc(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
         self.block_size = block_size
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",

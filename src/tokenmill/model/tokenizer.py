@@ -23,6 +23,50 @@ _MAX_PENDING_TOKENS = 6
 _REPLACEMENT = "\ufffd"
 
 
+def tokenizer_cache_dir(gguf_path: str) -> str:
+    """Where the tokenizer converted from a GGUF file is kept (keyed by the file's path, size and mtime).
+    $TOKENMILL_CACHE_DIR, else $XDG_CACHE_HOME/tokenmill, else ~/.cache/tokenmill."""
+    import hashlib
+
+    st = os.stat(gguf_path)
+    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("TOKENMILL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tokenmill"
+    )
+    return os.path.join(root, "tokenizers", key)
+
+
+def _load_gguf_tokenizer(path: str) -> Any:
+    """transformers rebuilds a GGUF's tokenizer in Python (~10 s for a 49k vocabulary); the result is saved once
+    in a cache directory and loaded from its tokenizer.json afterwards (~0.3 s)."""
+    from transformers import AutoTokenizer
+
+    cache = tokenizer_cache_dir(path)
+    if os.path.isfile(os.path.join(cache, "tokenizer.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except Exception as e:  # a damaged cache entry: rebuild it
+            logger.warning("ignoring the cached tokenizer in %s: %s", cache, e)
+    try:
+        hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    except Exception as e:
+        raise ValueError(f"cannot load a tokenizer from GGUF file {path}: {e}") from e
+    import shutil
+    import tempfile
+
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(cache))
+        hf.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    except OSError as e:  # read-only home, a concurrent writer won the rename, ...: just not cached
+        logger.debug("tokenizer cache not written (%s)", e)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return hf
+
+
 class Tokenizer:
     """A Hugging Face fast tokenizer plus our own chat-template rendering."""
 
@@ -44,10 +88,7 @@ class Tokenizer:
         if path.lower().endswith(".gguf"):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"GGUF file {path} does not exist")
-            try:
-                hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-            except Exception as e:
-                raise ValueError(f"cannot load a tokenizer from GGUF file {path}: {e}") from e
+            hf = _load_gguf_tokenizer(path)
             template = _gguf_chat_template(path)
         else:
             if not os.path.isdir(path):

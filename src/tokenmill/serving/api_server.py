@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..config import EngineConfig
 from ..engine.async_engine import AsyncEngine
+from ..engine.engine_process import ProcessEngine
 from .errors import APIError, error_response
 from .metrics import ServerMetrics
 from .openai_serving import OpenAIServing, ServingLimits
@@ -73,7 +74,7 @@ class ServerState:
     """What the routes and the middleware share."""
 
     config: ServerConfig
-    engine: AsyncEngine | None = None
+    engine: AsyncEngine | ProcessEngine | None = None
     serving: OpenAIServing | None = None
     metrics: ServerMetrics | None = None
     draining: bool = False
@@ -274,7 +275,7 @@ def create_app(state: ServerState, engine_loader: Any | None = None) -> FastAPI:
     async def models() -> dict[str, Any]:
         engine = state.engine
         card = ModelCard(id=state.config.served_model_name, created=int(state.started),
-                         root=engine.engine.model_path if engine else None,
+                         root=engine.model_path if engine else None,
                          max_model_len=engine.max_model_len if engine else None)
         return ModelList(data=[card]).model_dump()
 
@@ -394,9 +395,10 @@ def run_server(engine_config: EngineConfig, config: ServerConfig, host: str = "1
 
     resolve_model_path(engine_config.model)  # a wrong path is a clear error now, before the port opens
 
-    def load() -> AsyncEngine:
-        return AsyncEngine.from_config(engine_config, max_queued_requests=config.max_queued_requests,
-                                       request_timeout=config.request_timeout)
+    def load() -> ProcessEngine:
+        # The engine steps in its own process (see engine_process.py for the measurements behind this).
+        return ProcessEngine(engine_config, max_queued_requests=config.max_queued_requests,
+                             request_timeout=config.request_timeout)
 
     state = ServerState(config)
     app = create_app(state, load)
