@@ -6,7 +6,7 @@ zero stay cached in an LRU and are evicted only when a free block is needed.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from .sequence import Sequence
 
@@ -17,7 +17,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        # A stack (lowest ids on top, freed blocks pushed back on top): the blocks in use stay a compact, recently
+        # touched set, so on CPU (cache left unwritten) resident memory follows the peak in-flight tokens.
+        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
         self.cached: dict[tuple, int] = {}  # prefix key -> block id
         self.block_key: dict[int, tuple] = {}  # block id -> its prefix key (cached blocks only)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, LRU order
@@ -36,7 +38,7 @@ class BlockManager:
 
     def _take_block(self) -> int:
         if self.free_blocks:
-            block = self.free_blocks.popleft()
+            block = self.free_blocks.pop()
         else:
             block, _ = self.evictable.popitem(last=False)
             del self.cached[self.block_key.pop(block)]
