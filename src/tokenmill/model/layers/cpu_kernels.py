@@ -160,13 +160,114 @@ static inline __m512 load_bf16x16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// bf16 decode with AVX512-BF16: q.k as bf16 pair dot products (fp32 accumulation), vectorised softmax, fp32 P.V.
-// Needs head_dim % 32 == 0 and head_dim <= 256.
+// r[i] = sum of v[i]'s 16 lanes, for 16 vectors at once (a shuffle tree instead of 16 horizontal reductions).
+static inline __m512 reduce16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[i], t[i + 4], 0x88), _mm512_shuffle_f32x4(t[i], t[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(u[i], u[i + 2]), _mm512_unpackhi_ps(u[i], u[i + 2]));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x44), _mm512_shuffle_ps(w[0], w[1], 0xEE));
+  // r holds v0 v2 v1 v3 | v8 v10 v9 v11 | v4 v6 v5 v7 | v12 v14 v13 v15
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), r);
+}
+
+// scores[t] = scale * q.k_t for one query head over tokens [start, len), 16 tokens per reduction.
+template <int NC>
+static inline void qk_head(const __m512bh* qv, const at::BFloat16* kp, const int64_t* table, int64_t shift,
+                           int64_t mask, int64_t bs, int64_t RD, int64_t koff, int64_t start, int64_t len, float sc,
+                           float* scores) {
+  __m512 acc[16];
+  const __m512 scale = _mm512_set1_ps(sc);
+  for (int64_t t0 = start; t0 < len; t0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, len - t0);
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int64_t t = t0 + j;
+      const at::BFloat16* row = kp + (table[t >> shift] * bs + (t & mask)) * RD + koff;
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < NC; ++c) {
+        __m512bh kv;
+        std::memcpy(&kv, row + c * 32, 64);
+        a = _mm512_dpbf16_ps(a, qv[c], kv);
+      }
+      acc[j] = a;
+    }
+    for (int64_t j = cnt; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    _mm512_storeu_ps(scores + (t0 - start), _mm512_mul_ps(reduce16(acc), scale));
+  }
+}
+
+// acc[h] += sum_t p[h][t] * v_t for up to HB heads sharing one KV head, accumulators in registers.
+template <int NF, int HB>
+static inline void pv_heads(const float* const* probs, int nh, const at::BFloat16* vp, const int64_t* table,
+                            int64_t shift, int64_t mask, int64_t bs, int64_t RD, int64_t voff, int64_t start,
+                            int64_t len, float* const* out) {
+  __m512 acc[HB][NF];
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t t = start; t < len; ++t) {
+    const at::BFloat16* row = vp + (table[t >> shift] * bs + (t & mask)) * RD + voff;
+    __m512 vf[NF];
+    for (int c = 0; c < NF; ++c) vf[c] = load_bf16x16(row + c * 16);
+    for (int h = 0; h < HB; ++h) {
+      if (h >= nh) break;
+      const __m512 p = _mm512_set1_ps(probs[h][t - start]);
+      for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_fmadd_ps(p, vf[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < nh; ++h)
+    for (int c = 0; c < NF; ++c) _mm512_storeu_ps(out[h] + c * 16, acc[h][c]);
+}
+
+template <int NC>
+static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
+                            int64_t shift, int64_t mask, int64_t bs, int64_t Hq, int64_t Hkv, int64_t start,
+                            int64_t len, float sc, std::vector<float>& scores, std::vector<float>& acc,
+                            at::BFloat16* o) {
+  constexpr int D = NC * 32, NF = NC * 2, HB = 24 / NF > 0 ? 24 / NF : 1;
+  const int64_t G = Hq / Hkv, RD = Hkv * D, n = len - start, npad = (n + 15) & ~int64_t(15);
+  scores.resize(Hq * npad);
+  for (int64_t h = 0; h < Hq; ++h) {
+    float* sg = scores.data() + h * npad;
+    qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, start, len, sc, sg);
+    for (int64_t j = n; j < npad; ++j) sg[j] = -INFINITY;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < npad; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + j));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < npad; j += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mx));  // padding: exp(-inf) -> 0
+      _mm512_storeu_ps(sg + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t j = 0; j < npad; j += 16) _mm512_storeu_ps(sg + j, _mm512_mul_ps(_mm512_loadu_ps(sg + j), inv));
+  }
+  acc.resize(Hq * D);
+  for (int64_t g = 0; g < Hkv; ++g) {
+    for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += HB) {
+      const int nh = static_cast<int>(std::min<int64_t>(HB, (g + 1) * G - h0));
+      const float* probs[HB];
+      float* outs[HB];
+      for (int i = 0; i < nh; ++i) { probs[i] = scores.data() + (h0 + i) * npad; outs[i] = acc.data() + (h0 + i) * D; }
+      pv_heads<NF, HB>(probs, nh, vp, table, shift, mask, bs, RD, g * D, start, len, outs);
+    }
+  }
+  for (int64_t h = 0; h < Hq; ++h)
+    for (int c = 0; c < NF; ++c) {
+      const __m256bh r = _mm512_cvtneps_pbh(_mm512_loadu_ps(acc.data() + h * D + c * 16));
+      std::memcpy(o + h * D + c * 16, &r, 32);
+    }
+}
+
+// bf16 decode with AVX512-BF16: q.k as bf16 pair dot products (fp32 accumulation), vectorised softmax, fp32 P.V
+// with register accumulators. Needs head_dim in {32, 64, 128, 256}.
 static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
                                const at::Tensor& lens, at::Tensor& out, int64_t window, double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t bs = kc.size(1), Hkv = kc.size(2);
-  const int64_t G = Hq / Hkv, maxb = bt.size(1), RD = Hkv * D, NC = D / 32, NF = D / 16;
+  const int64_t bs = kc.size(1), Hkv = kc.size(2), maxb = bt.size(1), NC = D / 32;
   const int64_t shift = __builtin_ctzll(bs), mask = bs - 1;  // block size is a power of two (checked)
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   const at::BFloat16* kp = kc.data_ptr<at::BFloat16>();
@@ -178,62 +279,19 @@ static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const 
 #pragma omp parallel
   {
     std::vector<__m512bh> qv(Hq * NC);
-    std::vector<float> scores, acc(Hq * D);
+    std::vector<float> scores, acc;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t len = lp[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - start, npad = (n + 15) & ~int64_t(15);
       for (int64_t i = 0; i < Hq * NC; ++i) std::memcpy(&qv[i], qp + b * Hq * D + i * 32, 64);
-      scores.assign(Hq * npad, -INFINITY);
       const int64_t* table = btp + b * maxb;
-      for (int64_t t = start; t < len; ++t) {
-        const at::BFloat16* row = kp + (table[t >> shift] * bs + (t & mask)) * RD;
-        for (int64_t g = 0; g < Hkv; ++g) {
-          __m512bh kv[8];
-          for (int64_t c = 0; c < NC; ++c) std::memcpy(&kv[c], row + g * D + c * 32, 64);
-          for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t c = 0; c < NC; ++c) a = _mm512_dpbf16_ps(a, qv[h * NC + c], kv[c]);
-            scores[h * npad + (t - start)] = _mm512_reduce_add_ps(a) * sc;
-          }
-        }
-      }
-      float inv[256];
-      for (int64_t h = 0; h < Hq; ++h) {
-        float* sg = scores.data() + h * npad;
-        __m512 m = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < npad; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + j));
-        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < npad; j += 16) {
-          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mx));  // padding: exp(-inf) -> 0
-          _mm512_storeu_ps(sg + j, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        inv[h] = 1.f / _mm512_reduce_add_ps(sum);
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = start; t < len; ++t) {
-        const at::BFloat16* row = vp + (table[t >> shift] * bs + (t & mask)) * RD;
-        for (int64_t g = 0; g < Hkv; ++g) {
-          __m512 vf[16];
-          for (int64_t c = 0; c < NF; ++c) vf[c] = load_bf16x16(row + g * D + c * 16);
-          for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-            const __m512 p = _mm512_set1_ps(scores[h * npad + (t - start)]);
-            float* ah = acc.data() + h * D;
-            for (int64_t c = 0; c < NF; ++c)
-              _mm512_storeu_ps(ah + c * 16, _mm512_fmadd_ps(p, vf[c], _mm512_loadu_ps(ah + c * 16)));
-          }
-        }
-      }
-      for (int64_t h = 0; h < Hq; ++h) {
-        const __m512 s = _mm512_set1_ps(inv[h]);
-        at::BFloat16* o = op + (b * Hq + h) * D;
-        for (int64_t c = 0; c < NF; ++c) {
-          const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc.data() + h * D + c * 16), s));
-          std::memcpy(o + c * 16, &r, 32);
-        }
+      at::BFloat16* o = op + b * Hq * D;
+      switch (NC) {
+        case 1: decode_seq_bf16<1>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
+        case 2: decode_seq_bf16<2>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
+        case 4: decode_seq_bf16<4>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
+        default: decode_seq_bf16<8>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
       }
     }
   }
@@ -251,7 +309,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   auto out = at::empty_like(q);
 #ifdef TOKENMILL_AVX512_BF16
   const int64_t D = q.size(2);
-  if (q.scalar_type() == at::kBFloat16 && D % 32 == 0 && D <= 256 && q.size(1) <= 256 &&
+  if (q.scalar_type() == at::kBFloat16 && (D == 32 || D == 64 || D == 128 || D == 256) &&
       (k_cache.size(1) & (k_cache.size(1) - 1)) == 0) {
     decode_bf16_avx512(q, k_cache, v_cache, bt, lens, out, window, scale);
     return out;
