@@ -339,7 +339,8 @@ template <typename T> static inline float round_t(float f) { return to_f<T>(from
 template <typename T>
 static void rms_impl(T* res, int64_t res_stride, const T* x, int64_t x_stride, const T* w, T* out, int64_t rows,
                      int64_t H, float eps, bool add) {
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+  // grains keep decode-sized batches on the calling thread: waking the OpenMP team costs more than the work
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / H), [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(H);
     for (int64_t r = r0; r < r1; ++r) {
       T* rr = res + r * res_stride;
@@ -390,7 +391,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 4, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, T, std::max<int64_t>(1, 32768 / I), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* g = xp + r * xs; const scalar_t* u = g + I; scalar_t* o = op + r * I;
         for (int64_t j = 0; j < I; ++j) {
@@ -417,7 +418,7 @@ static void rotary_store_impl(at::Tensor& qkv, const at::Tensor& pos, const at::
   const float* snp = sin.data_ptr<float>();
   T* kp = kc.data_ptr<T>();
   T* vp = vc.data_ptr<T>();
-  at::parallel_for(0, ntok, 4, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, ntok, std::max<int64_t>(1, 32768 / ((hq + 2 * hkv) * D)), [&](int64_t t0, int64_t t1) {
     std::vector<float> c(half), s(half);
     for (int64_t t = t0; t < t1; ++t) {
       const float* cr = cp + pp[t] * half; const float* sr = snp + pp[t] * half;
