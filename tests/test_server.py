@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import time
 
@@ -386,6 +388,39 @@ def test_sigterm_drains_in_flight_and_refuses_new(model_dir):
         assert srv.proc.wait(60) == 0
     finally:
         srv.stop()
+
+
+def test_engine_process_killed_fails_in_flight_and_health_says_dead(model_dir):
+    """The engine steps in a child process; if that process dies, requests in flight end with an error (no hang),
+    new ones get 503, /health says dead, and the server itself still answers and exits cleanly."""
+    import psutil
+
+    srv = ServerProcess("--model", model_dir, "--dtype", "float32", "--served-model-name", MODEL)
+    try:
+        body = {"model": MODEL, "prompt": "Keep going", "max_tokens": 230, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        engine_pid = next(c.pid for c in psutil.Process(srv.proc.pid).children()
+                          if "spawn_main" in " ".join(c.cmdline()))
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as c:
+                async with c.stream("POST", srv.url + "/v1/completions", json=body) as r:
+                    lines = []
+                    async for line in r.aiter_lines():
+                        lines.append(line)
+                        if len(lines) == 1:
+                            os.kill(engine_pid, signal.SIGKILL)
+                return r.status_code, lines
+
+        status, lines = asyncio.run(main())
+        assert status == 200
+        assert any('"error"' in line for line in lines), lines[-3:]
+        health = httpx.get(srv.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "dead"
+        late = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}, timeout=10)
+        assert late.status_code == 503
+    finally:
+        assert srv.stop() == 0
 
 
 # ---- the real default model ------------------------------------------------------------------------------------
