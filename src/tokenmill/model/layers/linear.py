@@ -3,7 +3,10 @@
 On CPUs with native bf16 (AVX512-BF16/AMX) a bf16 weight is re-laid out once, after loading, into oneDNN's blocked
 format and multiplied with oneDNN's linear kernel: measured on a 2-core Sapphire Rapids for SmolLM2's shapes that
 is 1.8-2.2x faster than `F.linear` at 1-128 rows (the whole per-step matmul time at batch 16 drops from ~16 to
-~8.5 ms) and bit-identical to it. The dense copy is then released.
+~8.5 ms) and bit-identical to it. For 1-4 rows (decoding a few sequences, where the weights are streamed from
+memory once per step) the dense weight is kept and multiplied by a streaming AVX512-BF16 kernel
+(cpu_kernels.small_m_linear), which reaches ~18 GB/s where oneDNN reaches ~14 GB/s; without that kernel the dense
+copy is released.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu_kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +41,12 @@ class Linear(nn.Linear):
     """nn.Linear with an optional CPU-packed weight (see the module docstring)."""
 
     packed: torch.Tensor | None = None
+    small_m: object = None  # the streaming kernel for 1-4 rows (needs the dense weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
+            if self.small_m is not None and x.dim() == 2 and x.shape[0] <= 4:
+                return self.small_m(x, self.weight, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return dense(x, self.weight, self.bias)
 
@@ -49,7 +57,10 @@ class Linear(nn.Linear):
         if self.packed is not None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not onednn_bf16_available():
             return False
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-        if release_dense:
+        ops = cpu_ops()
+        if ops is not None and hasattr(ops, "small_m_linear") and w.shape[1] % 32 == 0 and w.is_contiguous():
+            self.small_m = ops.small_m_linear
+        elif release_dense:
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return True
 
