@@ -88,7 +88,7 @@ class RequestStream:
     """Async iterator over a request's cumulative RequestOutputs; ends after the finished one. `close()` (or
     leaving an `async with` block) before the end aborts the request."""
 
-    def __init__(self, engine: "AsyncEngine", state: _RequestState) -> None:
+    def __init__(self, engine: "EngineFrontend", state: _RequestState) -> None:
         self._engine = engine
         self._state = state
         self.finished = False
@@ -131,7 +131,73 @@ class RequestStream:
         self.close()
 
 
-class AsyncEngine:
+class EngineFrontend:
+    """What AsyncEngine and engine_process.ProcessEngine share: health properties, `generate`, and waiting for the
+    engine to accept a request. Subclasses set `dead_reason`, `_accepting`, `_stats` and implement `add_request`."""
+
+    dead_reason: str | None = None
+    _accepting: bool = True
+    _stats: dict[str, float]
+
+    @staticmethod
+    def _check_limits(max_queued_requests: int | None, request_timeout: float | None) -> None:
+        if max_queued_requests is not None and max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be at least 1, got {max_queued_requests}")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+
+    @property
+    def is_dead(self) -> bool:
+        return self.dead_reason is not None
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting and not self.is_dead
+
+    def stats(self) -> dict[str, float]:
+        """LLMEngine.stats() as of the latest step (safe to call from any thread)."""
+        return self._stats
+
+    async def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                          prompt_token_ids: list[int] | None = None, timeout: float | None = None,
+                          bypass_queue_bound: bool = False) -> "RequestStream":
+        raise NotImplementedError
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        raise NotImplementedError
+
+    async def _accepted(self, state: _RequestState) -> "RequestStream":
+        """Waits for the engine's verdict on a request just handed over: its stream, or the error it raised."""
+        stream = RequestStream(self, state)
+        try:
+            first = await state.queue.get()
+        except BaseException:
+            stream.close()
+            raise
+        if isinstance(first, BaseException):
+            stream.finished = True
+            raise first
+        assert first is _ADDED
+        return stream
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        timeout: float | None = None,
+        bypass_queue_bound: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's cumulative outputs, the last one finished. Closing or cancelling the iteration
+        early aborts the request."""
+        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, timeout, bypass_queue_bound)
+        async with stream:
+            async for out in stream:
+                yield out
+
+
+class AsyncEngine(EngineFrontend):
     """Runs `LLMEngine.step()` on a background thread for asyncio callers."""
 
     def __init__(
@@ -147,10 +213,7 @@ class AsyncEngine:
         the thread that should step the engine. Servers use it to step the engine on the process's main thread:
         with GNU OpenMP (PyTorch's CPU backend) every parallel region started from any other thread pays a
         worker wake-up (~0.1 ms on the 2-core test machine), which made a whole decode step 2.3x slower."""
-        if max_queued_requests is not None and max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be at least 1, got {max_queued_requests}")
-        if request_timeout is not None and not request_timeout > 0:
-            raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+        self._check_limits(max_queued_requests, request_timeout)
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self.request_timeout = request_timeout
@@ -187,18 +250,6 @@ class AsyncEngine:
     @property
     def model_path(self) -> str:
         return self.engine.model_path
-
-    @property
-    def is_dead(self) -> bool:
-        return self.dead_reason is not None
-
-    @property
-    def is_accepting(self) -> bool:
-        return self._accepting and not self.is_dead
-
-    def stats(self) -> dict[str, float]:
-        """LLMEngine.stats() as of the latest step (safe to call from any thread)."""
-        return self._stats
 
     @property
     def num_unfinished(self) -> int:
@@ -327,33 +378,7 @@ class AsyncEngine:
                 _PendingAdd(state, prompt, prompt_token_ids, params, time.monotonic())
             )
             self._cond.notify()
-        stream = RequestStream(self, state)
-        try:
-            first = await state.queue.get()
-        except BaseException:
-            stream.close()
-            raise
-        if isinstance(first, BaseException):
-            stream.finished = True
-            raise first
-        assert first is _ADDED
-        return stream
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | None = None,
-        params: SamplingParams | None = None,
-        prompt_token_ids: list[int] | None = None,
-        timeout: float | None = None,
-        bypass_queue_bound: bool = False,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's cumulative outputs, the last one finished. Closing or cancelling the iteration
-        early aborts the request."""
-        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, timeout, bypass_queue_bound)
-        async with stream:
-            async for out in stream:
-                yield out
+        return await self._accepted(state)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Thread-safe; the engine thread aborts the request before its next step (unknown ids are ignored)."""

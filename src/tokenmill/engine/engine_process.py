@@ -27,6 +27,7 @@ from .async_engine import (
     _ADDED,
     AsyncEngine,
     EngineDeadError,
+    EngineFrontend,
     EngineObserver,
     EngineShutdownError,
     QueueFullError,
@@ -198,7 +199,7 @@ def _child_main(conn: Any, config: EngineConfig, engine_kwargs: dict[str, Any], 
 
 
 # ---- parent side ------------------------------------------------------------------------------------------------
-class ProcessEngine:
+class ProcessEngine(EngineFrontend):
     """AsyncEngine's interface (add_request / generate / abort / warmup / shutdown / stop / stats, observer hooks)
     for an engine running in a child process. The constructor blocks until the model is loaded (run it in a
     thread from async code); `start()` must then be called on the event loop that will use it."""
@@ -212,10 +213,7 @@ class ProcessEngine:
         request_timeout: float | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
-        if max_queued_requests is not None and max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be at least 1, got {max_queued_requests}")
-        if request_timeout is not None and not request_timeout > 0:
-            raise ValueError(f"request_timeout must be positive, got {request_timeout}")
+        self._check_limits(max_queued_requests, request_timeout)
         ctx = mp.get_context("spawn")  # never fork a process that may already hold threads
         self._conn, child = ctx.Pipe()
         kwargs = dict(max_queued_requests=max_queued_requests, request_timeout=request_timeout)
@@ -243,18 +241,6 @@ class ProcessEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._requests: dict[str, _RequestState] = {}
         self._waiters: dict[str, asyncio.Future] = {}
-
-    # ---- AsyncEngine's properties ---------------------------------------------------------------------------
-    @property
-    def is_dead(self) -> bool:
-        return self.dead_reason is not None
-
-    @property
-    def is_accepting(self) -> bool:
-        return self._accepting and not self.is_dead
-
-    def stats(self) -> dict[str, float]:
-        return self._stats
 
     @property
     def num_unfinished(self) -> int:
@@ -330,25 +316,7 @@ class ProcessEngine:
         self._requests[request_id] = state
         self._send(("add", request_id, prompt, prompt_token_ids, params or SamplingParams(), timeout,
                     bypass_queue_bound))
-        stream = RequestStream(self, state)  # type: ignore[arg-type]
-        try:
-            first = await state.queue.get()
-        except BaseException:
-            stream.close()
-            raise
-        if isinstance(first, BaseException):
-            stream.finished = True
-            raise first
-        assert first is _ADDED
-        return stream
-
-    async def generate(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
-                       prompt_token_ids: list[int] | None = None, timeout: float | None = None,
-                       bypass_queue_bound: bool = False):
-        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, timeout, bypass_queue_bound)
-        async with stream:
-            async for out in stream:
-                yield out
+        return await self._accepted(state)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         if request_id in self._requests and self._proc.is_alive():
