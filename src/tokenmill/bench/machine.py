@@ -58,18 +58,11 @@ def cpu_flags() -> list[str]:
 
 
 def system_busy_seconds() -> float | None:
-    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    vals = [int(x) for x in fields[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is already counted in user)
-    busy = vals[0] + vals[1] + vals[2] + vals[5] + vals[6] + (vals[7] if len(vals) > 7 else 0)
-    return busy / os.sysconf("SC_CLK_TCK")
+    """Busy CPU seconds of the whole machine since boot (all cores)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
 
 
 def own_cpu_seconds() -> float:
@@ -78,51 +71,33 @@ def own_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def _proc_children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return children
-    for name in entries:
-        if not name.isdigit():
-            continue
+def _process_tree(pids: Iterable[int]) -> list[Any]:
+    """psutil.Process objects of ``pids`` and all their live descendants (each once)."""
+    import psutil
+
+    procs: dict[int, Any] = {}
+    for pid in pids:
         try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
+            p = psutil.Process(pid)
+            procs[p.pid] = p
+            for c in p.children(recursive=True):
+                procs[c.pid] = c
+        except psutil.Error:
             continue
-        # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-        rest = stat[stat.rfind(")") + 2:].split()
-        if len(rest) > 1:
-            children.setdefault(int(rest[1]), []).append(int(name))
-    return children
+    return list(procs.values())
 
 
 def process_tree_cpu_seconds(pids: Iterable[int]) -> float:
-    """CPU seconds (user + system, all threads) of ``pids`` and all their live descendants."""
-    pids = list(pids)
-    if not pids:
-        return 0.0
-    children = _proc_children()
-    seen: set[int] = set()
-    stack = list(pids)
+    """CPU seconds (user + system, all threads, reaped children too) of ``pids`` and their live descendants."""
+    import psutil
+
     total = 0.0
-    tck = os.sysconf("SC_CLK_TCK")
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    for p in _process_tree(pids):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
+            t = p.cpu_times()
+        except psutil.Error:
             continue
-        rest = stat[stat.rfind(")") + 2:].split()
-        # fields after the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
-        total += (int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])) / tck
-        stack.extend(children.get(pid, ()))
+        total += t.user + t.system + t.children_user + t.children_system
     return total
 
 
@@ -270,22 +245,12 @@ def basic_machine_info() -> dict[str, Any]:
 
 
 def process_tree_peak_rss_mb(pids: Iterable[int]) -> float | None:
-    """Sum of the peak resident set sizes (VmHWM) of ``pids`` and their live descendants, in MiB."""
-    pids = list(pids)
-    if not pids:
-        return None
-    children = _proc_children()
-    seen: set[int] = set()
-    stack = list(pids)
-    total_kb = 0
-    found = False
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    """Sum of the peak resident set sizes (VmHWM, which psutil does not report) of ``pids`` and their live
+    descendants, in MiB."""
+    total_kb, found = 0, False
+    for p in _process_tree(pids):
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{p.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
                         total_kb += int(line.split()[1])
@@ -293,7 +258,6 @@ def process_tree_peak_rss_mb(pids: Iterable[int]) -> float | None:
                         break
         except OSError:
             continue
-        stack.extend(children.get(pid, ()))
     return total_kb / 1024 if found else None
 
 
