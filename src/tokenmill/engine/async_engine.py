@@ -150,10 +150,6 @@ class EngineFrontend:
     def is_dead(self) -> bool:
         return self.dead_reason is not None
 
-    @property
-    def is_accepting(self) -> bool:
-        return self._accepting and not self.is_dead
-
     def stats(self) -> dict[str, float]:
         """LLMEngine.stats() as of the latest step (safe to call from any thread)."""
         return self._stats
@@ -210,9 +206,9 @@ class AsyncEngine(EngineFrontend):
         run_in_caller: bool = False,
     ) -> None:
         """`run_in_caller=True`: `start()` does not spawn the engine thread; the owner calls `run_forever()` from
-        the thread that should step the engine. Servers use it to step the engine on the process's main thread:
-        with GNU OpenMP (PyTorch's CPU backend) every parallel region started from any other thread pays a
-        worker wake-up (~0.1 ms on the 2-core test machine), which made a whole decode step 2.3x slower."""
+        the thread that should step the engine. The server's engine process (engine_process.py) steps it on its
+        main thread: with GNU OpenMP (PyTorch's CPU backend) every parallel region started from any other thread
+        pays a worker wake-up (~0.1 ms on the 2-core test machine), which made a whole decode step 2.3x slower."""
         self._check_limits(max_queued_requests, request_timeout)
         self.engine = engine
         self.max_queued_requests = max_queued_requests
@@ -229,7 +225,7 @@ class AsyncEngine(EngineFrontend):
         self._accepting = True
         self._thread: threading.Thread | None = None
         self.run_in_caller = run_in_caller
-        self._started = threading.Event()
+        self._started = False
         self.dead_reason: str | None = None
         self.is_ready = False
         self._stats: dict[str, float] = engine.stats()  # snapshot after the latest step
@@ -263,16 +259,12 @@ class AsyncEngine(EngineFrontend):
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._started.is_set():
+        if self._started:
             return
-        self._started.set()
+        self._started = True
         if not self.run_in_caller:
             self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
             self._thread.start()
-
-    def wait_started(self, timeout: float | None = None) -> bool:
-        """True once `start()` was called (for `run_in_caller` owners waiting to run the loop)."""
-        return self._started.wait(timeout)
 
     def run_forever(self) -> None:
         """Steps the engine in the calling thread until `stop()` (only for `run_in_caller` engines)."""

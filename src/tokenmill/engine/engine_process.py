@@ -204,8 +204,6 @@ class ProcessEngine(EngineFrontend):
     for an engine running in a child process. The constructor blocks until the model is loaded (run it in a
     thread from async code); `start()` must then be called on the event loop that will use it."""
 
-    run_in_caller = False
-
     def __init__(
         self,
         config: EngineConfig,
@@ -241,10 +239,6 @@ class ProcessEngine(EngineFrontend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._requests: dict[str, _RequestState] = {}
         self._waiters: dict[str, asyncio.Future] = {}
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._requests)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
