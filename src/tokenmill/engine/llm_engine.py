@@ -9,9 +9,11 @@ import time
 import torch
 
 from ..config import EngineConfig, blocks_needed
-from ..model.loader import iter_weights, load_model_config, resolve_model_path
+from ..model.loader import load_model_config, load_weights_into, resolve_model_path
+from ..quant.apply import weight_bytes_by_part
 from ..model.registry import model_class
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
+from ..model.layers.attention import configure_windows, layer_windows
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
@@ -43,13 +45,23 @@ class LLMEngine:
         with torch.device(self.device):
             model = cls(cfg, max_positions=self.max_model_len)
         model = model.to(self.dtype)
-        model.load_weights(iter_weights(self.model_path))
+        self.quant_layout = load_weights_into(model, self.model_path, config.quantization)
+        self.weight_bytes = weight_bytes_by_part(model)
         model.prepare_for_inference()
         self.model = model.eval()
+        logger.info(
+            "weights: %.1f MiB (%s)", self.weight_bytes["total"] / 2**20,
+            ", ".join(f"{k} {v / 2**20:.1f}" for k, v in self.weight_bytes.items() if k != "total"),
+        )
         self.tokenizer = Tokenizer.from_path(config.tokenizer or self.model_path)
         logger.info("loaded %s (%s, %s) in %.1fs", self.model_path, cfg.architecture, self.dtype, time.perf_counter() - t0)
 
-        self.runner = ModelRunner(model, cfg, self.device, self.dtype)
+        # --kv-window: every layer sees the first kv_sinks tokens and the last kv_window (or its own narrower window)
+        self.kv_window = config.kv_window
+        windows = layer_windows(cfg.sliding_windows, config.kv_window)
+        sinks = config.kv_sinks if config.kv_window is not None else 0
+        configure_windows(model, windows, sinks)
+        self.runner = ModelRunner(model, cfg, self.device, config.resolve_kv_dtype(self.dtype))
         cache = config.cache
         num_blocks = self.runner.profile_num_blocks(cache, config.max_num_seqs * self.max_model_len)
         capacity = num_blocks * cache.block_size
@@ -62,7 +74,13 @@ class LLMEngine:
             logger.warning("max_model_len lowered from %d to the KV-cache capacity %d", self.max_model_len, capacity)
             self.max_model_len = capacity
         self.runner.allocate_kv_cache(num_blocks, cache.block_size)
-        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        # Blocks can leave a sequence's view only when no layer attends to the whole context.
+        drop_window = max(windows) if windows and all(w is not None for w in windows) else None
+        if self.kv_window is not None:
+            self._check_window_fits(drop_window or self.kv_window, sinks, num_blocks)
+        self.block_manager = BlockManager(
+            num_blocks, cache.block_size, cache.enable_prefix_caching, window=drop_window, sinks=sinks
+        )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(cfg.eos_token_ids)
@@ -99,7 +117,7 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         n = len(prompt_token_ids)
-        if n > self.max_model_len:
+        if n > self.max_model_len and self.kv_window is None:
             raise ValueError(
                 f"prompt has {n} tokens, more than the model's context length of {self.max_model_len} tokens"
             )
@@ -110,6 +128,16 @@ class LLMEngine:
         self.groups[request_id] = group
         self.scheduler.add(group.seqs[0])
         self.num_prompt_tokens += n
+
+    def _check_window_fits(self, window: int, sinks: int, num_blocks: int) -> None:
+        """A sequence past its window holds its sink blocks, its window and one step's new tokens at most."""
+        bs, budget = self.config.cache.block_size, self.config.max_num_batched_tokens
+        need = blocks_needed(sinks, bs) + blocks_needed(window + budget, bs) + 1
+        if need > num_blocks:
+            raise ValueError(
+                f"kv_window {window} with {sinks} sinks and max_num_batched_tokens {budget} needs up to {need} KV "
+                f"blocks per sequence but the cache holds only {num_blocks}; raise the budget or lower them"
+            )
 
     def _new_sequence(self, group: SequenceGroup, index: int, token_ids: list[int]) -> Sequence:
         params = group.params
@@ -254,7 +282,9 @@ class LLMEngine:
                 return self._finish(seq, "stop", token)
             if stop_str is not None:
                 return self._finish(seq, "stop", stop_str)
-        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            self._finish(seq, "length")
+        elif seq.num_tokens >= self.max_model_len and self.kv_window is None:  # a KV window has no length limit
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:

@@ -13,6 +13,9 @@ from .layers.activation import silu_and_mul
 from .layers.attention import AttentionMetadata, PagedAttention
 from .layers.linear import Linear, pack_linear_weights
 from .layers.norm import RMSNorm
+from ..quant.apply import install_quantized
+from ..quant.weights import QuantizedWeight
+from .layers.quant_linear import QuantLinear
 from .layers.rotary import RopeInputs, RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -91,8 +94,13 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def prepare_for_inference(self) -> None:
-        """Called once after loading: device-specific weight layouts (oneDNN-packed bf16 linears on CPU)."""
-        pack_linear_weights(self, shared={id(self.embed_tokens.weight)})
+        """Called once after loading: device-specific weight layouts (oneDNN-packed bf16 linears on CPU, int4
+        kernel packs)."""
+        shared = {id(self.embed_tokens.weight)} if isinstance(self.embed_tokens, nn.Embedding) else set()
+        pack_linear_weights(self, shared=shared)
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.prepare()
 
     def forward(
         self,
@@ -133,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
             "qkv_proj": [(0, q), (q, q + kv), (q + kv, q + 2 * kv)],
             "gate_up_proj": [(0, inter), (inter, 2 * inter)],
         }
+        quant_parts: dict[str, dict[int, QuantizedWeight]] = {}  # module -> shard index -> weight (GGUF blocks)
         for hf_name, tensor in weights:
             name = hf_name[len("model.") :] if hf_name.startswith("model.") else hf_name
             if "rotary_emb" in name:
@@ -146,6 +155,12 @@ class LlamaForCausalLM(nn.Module):
                 lo, hi = shard_ranges[fused][idx]
                 dst = params[name].data[lo:hi]
                 loaded.add(f"{name}#{idx}")
+            elif isinstance(tensor, QuantizedWeight) and name in params:
+                if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                    continue
+                dst = params[name].data
+                loaded.add(name)
+                idx = 0
             else:
                 if name == "lm_head.weight" and self.config.tie_word_embeddings:
                     continue  # tied: some checkpoints store the copy anyway
@@ -153,9 +168,13 @@ class LlamaForCausalLM(nn.Module):
                     raise KeyError(f"unexpected weight {hf_name!r} for {cfg.architecture}")
                 dst = params[name].data
                 loaded.add(name)
-            if dst.shape != tensor.shape:
+            if tuple(dst.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+            if isinstance(tensor, QuantizedWeight):
+                quant_parts.setdefault(name.rsplit(".", 1)[0], {})[idx] = tensor
+                continue
             dst.copy_(tensor)
+        self._install_quant_parts(quant_parts, params, shard_ranges)
         missing = []
         for name in params:
             fused = next((f for f in shard_ranges if f".{f}." in name), None)
@@ -165,3 +184,21 @@ class LlamaForCausalLM(nn.Module):
                 missing.append(name)
         if missing:
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+    def _install_quant_parts(self, parts: dict[str, dict[int, QuantizedWeight]], params: dict, shard_ranges: dict) -> None:
+        """Quantised weights (GGUF blocks) become quantised layers; a fused layer whose shards are not all
+        quantised in one format takes the dequantised values instead."""
+        whole: dict[str, QuantizedWeight] = {}
+        for module, shards in parts.items():
+            fused = module.rsplit(".", 1)[-1]
+            n_shards = len(shard_ranges.get(fused, [None]))
+            formats = {(q.method, q.group_size) for q in shards.values()}
+            if len(shards) == n_shards and len(formats) == 1:
+                whole[module] = QuantizedWeight.cat_rows([shards[i] for i in range(n_shards)])
+                continue
+            dst = params[f"{module}.weight"].data
+            for idx, qw in shards.items():
+                lo, hi = shard_ranges[fused][idx] if fused in shard_ranges else (0, dst.shape[0])
+                dst[lo:hi].copy_(qw.dequantize(dst.dtype))
+        if whole:
+            install_quantized(self, {k.removeprefix("model."): v for k, v in whole.items()})

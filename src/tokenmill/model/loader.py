@@ -220,8 +220,12 @@ def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _iter_gguf(path: str, reader: Any, cfg: ModelConfig, permuted: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(
+    path: str, reader: Any, cfg: ModelConfig, permuted: bool, keep_quantized: bool = False
+) -> Iterator[tuple[str, Any]]:
     from gguf.quants import dequantize
+
+    from ..quant.gguf_blocks import GGUF_DIRECT_TYPES, gguf_quantized_weight, permute_rows
 
     for t in reader.tensors:
         if t.name in _GGUF_SKIP:
@@ -236,12 +240,19 @@ def _iter_gguf(path: str, reader: Any, cfg: ModelConfig, permuted: bool) -> Iter
                 continue
             kind = m.group(2)
             name = f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[kind]}.{m.group(3)}"
+        expected = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if keep_quantized and t.tensor_type.name in GGUF_DIRECT_TYPES and len(expected) == 2:
+            qw = gguf_quantized_weight(t.tensor_type.name, t.data, expected)
+            if permuted and kind in ("attn_q", "attn_k"):
+                heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+                qw = permute_rows(qw, lambda x, h=heads: _unpermute_rows(x, h))
+            yield name, qw
+            continue
         try:
             # numpy array in row-major HF orientation: GGUF lists dims fastest-first, i.e. reversed
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ValueError(f"cannot dequantise tensor {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
-        expected = tuple(int(d) for d in reversed(t.shape.tolist()))
         if arr.shape != expected:
             arr = arr.reshape(expected)
         # copy: F32 tensors come back as read-only views of the memory map
@@ -329,10 +340,11 @@ def load_model_config(path: str) -> ModelConfig:
     raise FileNotFoundError(f"model path {path!r} is neither a directory nor a .gguf file")
 
 
-def iter_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: str, keep_quantized: bool = False) -> Iterator[tuple[str, Any]]:
     """Yield (HF parameter name, CPU tensor) pairs. HF checkpoints keep their stored dtype (and yield
     whatever parameters they store); GGUF tensors are dequantised to float32 with llama.cpp's Q/K
-    permutation undone, and `lm_head.weight` appears only when the embeddings are untied."""
+    permutation undone, and `lm_head.weight` appears only when the embeddings are untied. With `keep_quantized`
+    GGUF's Q4_0/Q4_1/Q8_0 matrices come as QuantizedWeight instead (quant/gguf_blocks.py)."""
     if os.path.isdir(path):
         files = _hf_weight_files(path)  # eager: missing files fail here, not at the first next()
         logger.info("loading weights from %s (%d file(s))", path, len(files))
@@ -342,5 +354,35 @@ def iter_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         cfg = _gguf_model_config(path)
         permuted = _gguf_arch(reader, path)[3]
         logger.info("loading and dequantising GGUF weights from %s", path)
-        return _iter_gguf(path, reader, cfg, permuted)
+        return _iter_gguf(path, reader, cfg, permuted, keep_quantized)
     raise FileNotFoundError(f"model path {path!r} is neither a directory nor a .gguf file")
+
+
+def load_weights_into(model: Any, path: str, quantization: str | None = None) -> dict[str, dict]:
+    """Loads `path` into a freshly built model and applies `quantization` (EngineConfig.quantization). A directory
+    written by `tokenmill quantize` loads its quantised tensors directly. Returns the quantised layout."""
+    from ..quant.apply import model_layout, quantize_model
+    from ..quant.checkpoint import load_quantized_checkpoint, quantized_checkpoint_layout
+    from ..quant.policy import resolve_policy
+
+    if os.path.isdir(path) and quantized_checkpoint_layout(path) is not None:
+        if quantization:
+            logger.warning("%s is quantised already; ignoring quantization=%s", path, quantization)
+        load_quantized_checkpoint(model, path)
+        return model_layout(model)
+    if quantization == "gguf":
+        if not is_gguf(path):
+            raise ValueError(f"quantization 'gguf' keeps a GGUF file's own blocks, but {path!r} is not a .gguf file")
+        model.load_weights(iter_weights(path, keep_quantized=True))
+        return model_layout(model)
+    model.load_weights(iter_weights(path))
+    if not quantization:
+        return {}
+    policy = resolve_policy(quantization)
+    if policy.awq:
+        if quantization == "int4-awq":
+            raise ValueError(
+                "int4-awq needs calibration: run `tokenmill quantize --method int4-awq --out DIR` once and serve DIR"
+            )
+        logger.info("policy %s: activation-aware scales need `tokenmill quantize`; using round-to-nearest", policy.name)
+    return quantize_model(model, policy)
