@@ -1,4 +1,5 @@
-"""Command line: tokenmill generate | serve | bench (serve | offline | hf-baseline | roofline; see tokenmill.bench.cli)."""
+"""Command line: tokenmill generate | serve | bench (serve | offline | hf-baseline | roofline; see tokenmill.bench.cli)
+| plan (capacity planner; see tokenmill.planner)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import logging
 import os
 import sys
 
-from .config import DTYPES
+from .config import DTYPES, KV_CACHE_DTYPES
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -20,6 +21,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes (default: a fraction of free memory)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV-cache storage: auto = the model dtype; int8 = int8 values with a float16 scale per token "
+                        "per KV head (about half the bytes of bf16)")
+    p.add_argument("--kv-window", type=int, default=None, metavar="N",
+                   help="attend to the first --kv-sinks tokens and the last N only, freeing the blocks in between: "
+                        "sequences may run past --max-model-len with bounded KV use (StreamingLLM)")
+    p.add_argument("--kv-sinks", type=int, default=4, metavar="S", help="attention-sink tokens kept with --kv-window")
+    p.add_argument("--quantization", default=None,
+                   help="quantise weights at load time: int8 | int4 | mixed | a policy .json | gguf (keep a GGUF "
+                        "file's own Q4/Q8 blocks); a `tokenmill quantize` output needs nothing")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -33,6 +44,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_bytes=args.kv_cache_bytes,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        kv_cache_dtype=args.kv_cache_dtype,
+        kv_window=args.kv_window,
+        kv_sinks=args.kv_sinks,
+        quantization=args.quantization,
     )
 
 
@@ -96,6 +111,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(engine_cfg, server_cfg, host=args.host, port=args.port, log_level=args.log_level or "INFO")
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quant.quantize import quantize_checkpoint
+
+    if args.calibration_samples < 1:
+        raise ValueError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+    res = quantize_checkpoint(args.model, args.method, args.out, args.group_size, args.calibration_samples,
+                              args.calibration_seq_len, args.dtype)
+    total, base = res.weight_bytes["total"], res.float_weight_bytes["total"]
+    print(f"wrote {res.out_dir} in {res.seconds:.1f} s: weights {total / 2**20:.1f} MiB "
+          f"({total / base:.2f}x of bf16 {base / 2**20:.1f} MiB)")
+    for part, n in res.weight_bytes.items():
+        if part != "total":
+            print(f"  {part:13s} {n / 2**20:8.1f} MiB")
+    if res.awq_report:
+        gains = sorted(r["rtn_error"] / max(r["awq_error"], 1e-30) for r in res.awq_report.values())
+        print(f"  AWQ: {len(gains)} int4 layers, layer output error vs round-to-nearest: median "
+              f"{1 / gains[len(gains) // 2]:.2f}x, worst {1 / gains[0]:.2f}x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill LLM serving engine")
     parser.add_argument("--log-level", default=None, help="default: INFO for serve, WARNING otherwise")
@@ -136,9 +171,25 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests before /health says ready")
     s.set_defaults(func=cmd_serve)
 
+    q = sub.add_parser("quantize", help="write a quantised checkpoint (int8, int4, int4-awq, mixed or a policy file)")
+    q.add_argument("--model", default=None, help="Hugging Face directory or .gguf file (default: embedded SmolLM2)")
+    q.add_argument("--method", required=True,
+                   help="int8 | int4 | int4-awq | mixed | a policy .json (see README, 'Quantisation')")
+    q.add_argument("--out", required=True, help="output directory (serve it with --model DIR)")
+    q.add_argument("--group-size", type=int, default=None, help="int4 group size (default 64)")
+    q.add_argument("--calibration-samples", type=int, default=32, help="ShareGPT samples for AWQ (default 32)")
+    q.add_argument("--calibration-seq-len", type=int, default=512)
+    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the weights left in floating point")
+    q.set_defaults(func=cmd_quantize)
+
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+
+    from .planner import add_plan_parser
+
+    add_plan_parser(sub)
 
     args = parser.parse_args(argv)
     default_level = "INFO" if args.command == "serve" else "WARNING"

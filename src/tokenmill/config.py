@@ -23,6 +23,8 @@ DTYPES = {
 }
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
 _MODEL_TYPE_ARCHS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -83,6 +85,10 @@ class ModelConfig:
         return sum(self.param_counts().values())
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV-cache bytes of one token; torch.int8 is the quantised cache: head_dim int8 values plus one float16
+        scale per KV head, for keys and values."""
+        if dtype == torch.int8:
+            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + 2)
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
@@ -213,12 +219,32 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     num_threads: int | None = None
+    # KV-cache storage: "auto" = the model dtype, "int8" = int8 values with a float16 scale per token per KV head
+    kv_cache_dtype: str = "auto"
+    # StreamingLLM-style attention: each token sees the first kv_sinks tokens and the last kv_window ones; blocks in
+    # between are freed, so a sequence may run past max_model_len with bounded KV use. None = full attention.
+    kv_window: int | None = None
+    kv_sinks: int = 4
+    # weight quantisation at load time: a preset (int8, int4, int4-awq, mixed), a policy .json file, or "gguf"
+    # (a GGUF file's own Q4_0/Q4_1/Q8_0 tensors loaded as int4/int8 without dequantising); None = model dtype.
+    # A directory written by `tokenmill quantize` is quantised already and needs nothing here.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.quantization is not None and self.quantization != "gguf":
+            from .quant.policy import resolve_policy
+
+            resolve_policy(self.quantization)  # unknown names fail here, before any loading
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if self.kv_window is not None and self.kv_window < 1:
+            raise ValueError(f"kv_window must be >= 1 (tokens), got {self.kv_window}")
+        if self.kv_sinks < 0:
+            raise ValueError(f"kv_sinks must be >= 0, got {self.kv_sinks}")
         self.cache = CacheConfig(
             block_size=self.block_size,
             kv_cache_bytes=self.kv_cache_bytes,
@@ -232,6 +258,10 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def resolve_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's storage dtype (torch.int8: the quantised format of kv_cache.py)."""
+        return torch.int8 if self.kv_cache_dtype == "int8" else model_dtype
 
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

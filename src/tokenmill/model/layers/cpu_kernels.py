@@ -3,10 +3,13 @@ element-wise steps of a decoder layer.
 
 * paged_decode: pure-PyTorch decode attention on a paged cache has to gather every sequence's blocks into a padded
   tensor first; on a CPU that copy costs more than the attention itself. This kernel reads K/V straight from the
-  blocks, fp32 accumulation, OpenMP over the batch.
+  blocks, fp32 accumulation, OpenMP over the batch. Optional sliding window plus attention sinks (the first
+  `sinks` tokens stay visible). paged_decode_int8 reads an int8 cache with one float16 scale per token per KV head
+  and dequantises rows as it reads them.
 * rms_norm / add_rms_norm (residual add fused in, in place), silu_and_mul, rotary_store (RoPE on q and k in place
   inside the fused QKV output, plus the KV-cache write): at small batch a decoder step is dominated by the ~40
   small ATen ops per layer these replace; each one rounds to the model dtype where Hugging Face's eager code does.
+  rotary_store_int8 quantises k and v as it stores them (int8 KV cache).
 
 If no compiler is available (or TOKENMILL_CPU_KERNELS=0) every caller falls back to its PyTorch path.
 """
@@ -89,16 +92,40 @@ static inline void axpy(float p, const float* x, float* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += p * x[d];
 }
 
-// One task per sequence: each cache row (all KV heads of one token) is read once, contiguously.
+// Cache rows (all KV heads of one token) read as fp32: dense rows of the model dtype, or int8 rows with one
+// float16 scale per KV head (dequantised on load).
 template <typename T>
-static void decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
-                        const at::Tensor& lens, at::Tensor& out, int64_t window, double scale) {
+struct DenseRows {
+  const T* p; int64_t RD;
+  inline void load(int64_t slot, float* dst) const { load_row<T>(p + slot * RD, dst, RD); }
+};
+
+struct Int8Rows {
+  const int8_t* p; const at::Half* s; int64_t Hkv, D;
+  inline void load(int64_t slot, float* dst) const {
+    const int8_t* r = p + slot * Hkv * D;
+    const at::Half* sc = s + slot * Hkv;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const float f = static_cast<float>(sc[h]);
+      for (int64_t d = 0; d < D; ++d) dst[h * D + d] = static_cast<float>(r[h * D + d]) * f;
+    }
+  }
+};
+
+// Attended tokens of a sequence of length len: [0, ns) (attention sinks) and [start, len) (the window).
+static inline void attended_range(int64_t len, int64_t window, int64_t sinks, int64_t& ns, int64_t& start) {
+  start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+  ns = std::min<int64_t>(std::max<int64_t>(sinks, 0), start);
+}
+
+// One task per sequence: each cache row (all KV heads of one token) is read once, contiguously.
+template <typename T, typename Rows>
+static void decode_impl(const at::Tensor& q, const Rows& krows, const Rows& vrows, int64_t bs, int64_t Hkv,
+                        const at::Tensor& bt, const at::Tensor& lens, at::Tensor& out, int64_t window,
+                        int64_t sinks, double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t bs = kc.size(1), Hkv = kc.size(2);
   const int64_t G = Hq / Hkv, maxb = bt.size(1), RD = Hkv * D;
   const T* qp = q.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
   const int64_t* btp = bt.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -109,18 +136,19 @@ static void decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Ten
 #pragma omp for schedule(dynamic, 4)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t len = lp[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - start;
+      int64_t ns, start;
+      attended_range(len, window, sinks, ns, start);
+      const int64_t n = ns + len - start;
       load_row<T>(qp + b * Hq * D, qf.data(), Hq * D);
       for (int64_t j = 0; j < Hq * D; ++j) qf[j] *= sc;
       scores.resize(Hq * n);
       std::fill(mx.begin(), mx.end(), -INFINITY);
-      for (int64_t t = start; t < len; ++t) {
-        const int64_t blk = btp[b * maxb + t / bs];
-        load_row<T>(kp + (blk * bs + t % bs) * RD, row.data(), RD);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = j < ns ? j : start + (j - ns);
+        krows.load(btp[b * maxb + t / bs] * bs + t % bs, row.data());
         for (int64_t hq = 0; hq < Hq; ++hq) {
           const float s = dot(qf.data() + hq * D, row.data() + (hq / G) * D, D);
-          scores[hq * n + (t - start)] = s;
+          scores[hq * n + j] = s;
           mx[hq] = std::max(mx[hq], s);
         }
       }
@@ -131,11 +159,11 @@ static void decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Ten
         sum[hq] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = start; t < len; ++t) {
-        const int64_t blk = btp[b * maxb + t / bs];
-        load_row<T>(vp + (blk * bs + t % bs) * RD, row.data(), RD);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = j < ns ? j : start + (j - ns);
+        vrows.load(btp[b * maxb + t / bs] * bs + t % bs, row.data());
         for (int64_t hq = 0; hq < Hq; ++hq) {
-          const float p = scores[hq * n + (t - start)];
+          const float p = scores[hq * n + j];
           axpy(p, row.data() + (hq / G) * D, acc.data() + hq * D, D);
         }
       }
@@ -212,39 +240,49 @@ static inline void qk_head(const __m512bh* qv, const at::BFloat16* kp, const int
   }
 }
 
-// acc[h] += sum_t p[h][t] * v_t for up to HB heads sharing one KV head, accumulators in registers.
+template <int NF, int HB>
+static inline __attribute__((always_inline)) void pv_row(__m512 (&acc)[HB][NF], const float* const* probs, int nh,
+                                                         const at::BFloat16* row, int64_t j) {
+  __m512 vf[NF];
+  for (int c = 0; c < NF; ++c) vf[c] = load_bf16x16(row + c * 16);
+  for (int h = 0; h < HB; ++h) {
+    if (h >= nh) break;
+    const __m512 p = _mm512_set1_ps(probs[h][j]);
+    for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_fmadd_ps(p, vf[c], acc[h][c]);
+  }
+}
+
+// acc[h] += sum_t p[h][t] * v_t for up to HB heads sharing one KV head, accumulators in registers; tokens [0, ns)
+// (sinks) then [start, len), probabilities in that order.
 template <int NF, int HB>
 static inline void pv_heads(const float* const* probs, int nh, const at::BFloat16* vp, const int64_t* table,
-                            int64_t shift, int64_t mask, int64_t bs, int64_t RD, int64_t voff, int64_t start,
-                            int64_t len, float* const* out) {
+                            int64_t shift, int64_t mask, int64_t bs, int64_t RD, int64_t voff, int64_t ns,
+                            int64_t start, int64_t len, float* const* out) {
   __m512 acc[HB][NF];
   for (int h = 0; h < HB; ++h)
     for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_setzero_ps();
-  for (int64_t t = start; t < len; ++t) {
-    const at::BFloat16* row = vp + (table[t >> shift] * bs + (t & mask)) * RD + voff;
-    __m512 vf[NF];
-    for (int c = 0; c < NF; ++c) vf[c] = load_bf16x16(row + c * 16);
-    for (int h = 0; h < HB; ++h) {
-      if (h >= nh) break;
-      const __m512 p = _mm512_set1_ps(probs[h][t - start]);
-      for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_fmadd_ps(p, vf[c], acc[h][c]);
-    }
-  }
+  for (int64_t t = 0; t < ns; ++t)
+    pv_row<NF, HB>(acc, probs, nh, vp + (table[t >> shift] * bs + (t & mask)) * RD + voff, t);
+  for (int64_t t = start; t < len; ++t)
+    pv_row<NF, HB>(acc, probs, nh, vp + (table[t >> shift] * bs + (t & mask)) * RD + voff, ns + t - start);
   for (int h = 0; h < nh; ++h)
     for (int c = 0; c < NF; ++c) _mm512_storeu_ps(out[h] + c * 16, acc[h][c]);
 }
 
 template <int NC>
 static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
-                            int64_t shift, int64_t mask, int64_t bs, int64_t Hq, int64_t Hkv, int64_t start,
-                            int64_t len, float sc, std::vector<float>& scores, std::vector<float>& acc,
-                            at::BFloat16* o) {
+                            int64_t shift, int64_t mask, int64_t bs, int64_t Hq, int64_t Hkv, int64_t ns,
+                            int64_t start, int64_t len, float sc, std::vector<float>& scores,
+                            std::vector<float>& acc, at::BFloat16* o) {
   constexpr int D = NC * 32, NF = NC * 2, HB = 24 / NF > 0 ? 24 / NF : 1;
-  const int64_t G = Hq / Hkv, RD = Hkv * D, n = len - start, npad = (n + 15) & ~int64_t(15);
+  const int64_t G = Hq / Hkv, RD = Hkv * D, n = ns + len - start;
+  // qk_head stores whole groups of 16: with sinks the window's scores start at ns, so leave one more group of room
+  const int64_t npad = ((n + 15) & ~int64_t(15)) + (ns ? 16 : 0);
   scores.resize(Hq * npad);
   for (int64_t h = 0; h < Hq; ++h) {
     float* sg = scores.data() + h * npad;
-    qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, start, len, sc, sg);
+    if (ns) qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, 0, ns, sc, sg);
+    qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, start, len, sc, sg + ns);
     for (int64_t j = n; j < npad; ++j) sg[j] = -INFINITY;
     __m512 m = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < npad; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + j));
@@ -265,7 +303,7 @@ static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at
       const float* probs[HB];
       float* outs[HB];
       for (int i = 0; i < nh; ++i) { probs[i] = scores.data() + (h0 + i) * npad; outs[i] = acc.data() + (h0 + i) * D; }
-      pv_heads<NF, HB>(probs, nh, vp, table, shift, mask, bs, RD, g * D, start, len, outs);
+      pv_heads<NF, HB>(probs, nh, vp, table, shift, mask, bs, RD, g * D, ns, start, len, outs);
     }
   }
   for (int64_t h = 0; h < Hq; ++h)
@@ -278,7 +316,8 @@ static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at
 // bf16 decode with AVX512-BF16: q.k as bf16 pair dot products (fp32 accumulation), vectorised softmax, fp32 P.V
 // with register accumulators. Needs head_dim in {32, 64, 128, 256}.
 static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
-                               const at::Tensor& lens, at::Tensor& out, int64_t window, double scale) {
+                               const at::Tensor& lens, at::Tensor& out, int64_t window, int64_t sinks,
+                               double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), maxb = bt.size(1), NC = D / 32;
   const int64_t shift = __builtin_ctzll(bs), mask = bs - 1;  // block size is a power of two (checked)
@@ -296,15 +335,16 @@ static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t len = lp[b];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      int64_t ns, start;
+      attended_range(len, window, sinks, ns, start);
       for (int64_t i = 0; i < Hq * NC; ++i) std::memcpy(&qv[i], qp + b * Hq * D + i * 32, 64);
       const int64_t* table = btp + b * maxb;
       at::BFloat16* o = op + b * Hq * D;
       switch (NC) {
-        case 1: decode_seq_bf16<1>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
-        case 2: decode_seq_bf16<2>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
-        case 4: decode_seq_bf16<4>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
-        default: decode_seq_bf16<8>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, start, len, sc, scores, acc, o); break;
+        case 1: decode_seq_bf16<1>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
+        case 2: decode_seq_bf16<2>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
+        case 4: decode_seq_bf16<4>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
+        default: decode_seq_bf16<8>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
       }
     }
   }
@@ -374,7 +414,7 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::o
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t window,
-                        double scale) {
+                        double scale, int64_t sinks) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B,Hq,D], cache [blocks,block_size,Hkv,D]");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
@@ -385,12 +425,39 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const int64_t D = q.size(2);
   if (q.scalar_type() == at::kBFloat16 && (D == 32 || D == 64 || D == 128 || D == 256) &&
       (k_cache.size(1) & (k_cache.size(1) - 1)) == 0) {
-    decode_bf16_avx512(q, k_cache, v_cache, bt, lens, out, window, scale);
+    decode_bf16_avx512(q, k_cache, v_cache, bt, lens, out, window, sinks, scale);
     return out;
   }
 #endif
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), RD = Hkv * q.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode_impl<scalar_t>(q, k_cache, v_cache, bt, lens, out, window, scale);
+    const DenseRows<scalar_t> kr{k_cache.data_ptr<scalar_t>(), RD}, vr{v_cache.data_ptr<scalar_t>(), RD};
+    decode_impl<scalar_t>(q, kr, vr, bs, Hkv, bt, lens, out, window, sinks, scale);
+  });
+  return out;
+}
+
+// Decode over an int8 cache [blocks, block_size, Hkv, D] with float16 scales [blocks, block_size, Hkv] (one per
+// token per KV head): rows are dequantised as they are read; q and the output keep q's dtype.
+at::Tensor paged_decode_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& k_scales, const at::Tensor& v_scales, const at::Tensor& block_tables,
+                             const at::Tensor& context_lens, int64_t window, double scale, int64_t sinks) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_scales.dim() == 3,
+              "q [B,Hq,D], cache [blocks,block_size,Hkv,D], scales [blocks,block_size,Hkv]");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && k_scales.is_contiguous() &&
+              v_scales.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar &&
+              k_scales.scalar_type() == at::kHalf && v_scales.scalar_type() == at::kHalf,
+              "int8 caches with float16 scales");
+  TORCH_CHECK(k_cache.size(3) == q.size(2) && k_scales.size(2) == k_cache.size(2), "head_dim / KV heads differ");
+  auto bt = block_tables.to(at::kLong).contiguous();
+  auto lens = context_lens.to(at::kLong).contiguous();
+  auto out = at::empty_like(q);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), D = q.size(2);
+  const Int8Rows kr{k_cache.data_ptr<int8_t>(), k_scales.data_ptr<at::Half>(), Hkv, D};
+  const Int8Rows vr{v_cache.data_ptr<int8_t>(), v_scales.data_ptr<at::Half>(), Hkv, D};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_int8", [&] {
+    decode_impl<scalar_t>(q, kr, vr, bs, Hkv, bt, lens, out, window, sinks, scale);
   });
   return out;
 }
@@ -467,20 +534,17 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
-// RoPE (rotate-half layout) on the q and k heads of a fused QKV output, in place; then k and v rows are written
-// to their cache slots. cos/sin: float32 tables [max_pos, D/2].
-template <typename T>
+// RoPE (rotate-half layout) on the q and k heads of a fused QKV output, in place; then store(slot, k row, v row)
+// writes k and v to their cache slot. cos/sin: float32 tables [max_pos, D/2].
+template <typename T, typename Store>
 static void rotary_store_impl(at::Tensor& qkv, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
-                              at::Tensor& kc, at::Tensor& vc, const at::Tensor& slots, int64_t hq, int64_t hkv,
-                              int64_t D) {
+                              const at::Tensor& slots, int64_t hq, int64_t hkv, int64_t D, const Store& store) {
   const int64_t ntok = qkv.size(0), rs = qkv.stride(0), half = D / 2;
   T* base = qkv.data_ptr<T>();
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const float* cp = cos.data_ptr<float>();
   const float* snp = sin.data_ptr<float>();
-  T* kp = kc.data_ptr<T>();
-  T* vp = vc.data_ptr<T>();
   at::parallel_for(0, ntok, std::max<int64_t>(1, 32768 / ((hq + 2 * hkv) * D)), [&](int64_t t0, int64_t t1) {
     std::vector<float> c(half), s(half);
     for (int64_t t = t0; t < t1; ++t) {
@@ -495,33 +559,89 @@ static void rotary_store_impl(at::Tensor& qkv, const at::Tensor& pos, const at::
           x[j + half] = from_f<T>(b * c[j] + a * s[j]);
         }
       }
-      const int64_t slot = sp[t];
-      std::memcpy(kp + slot * hkv * D, row + hq * D, sizeof(T) * hkv * D);
-      std::memcpy(vp + slot * hkv * D, row + (hq + hkv) * D, sizeof(T) * hkv * D);
+      store(sp[t], row + hq * D, row + (hq + hkv) * D);
     }
   });
+}
+
+// Symmetric int8 of each of hkv heads of D values: scale = absmax / 127 stored as float16; the values are divided
+// by the stored (rounded) scale so that q * scale is the dequantised value.
+template <typename T>
+static inline void quantize_heads(const T* x, int8_t* dst, at::Half* scales, int64_t hkv, int64_t D) {
+  for (int64_t h = 0; h < hkv; ++h) {
+    const T* xh = x + h * D;
+    float amax = 0.f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(to_f<T>(xh[d])));
+    const at::Half sh(amax / 127.f);
+    const float sf = static_cast<float>(sh);
+    const float inv = sf > 0.f ? 1.f / sf : 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = std::nearbyint(to_f<T>(xh[d]) * inv);
+      dst[h * D + d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    }
+    scales[h] = sh;
+  }
+}
+
+static void check_rotary_args(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                              const at::Tensor& sin, const at::Tensor& slot_mapping, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim,
+              "rotary_store: qkv [T, (Hq + 2 Hkv) D] with unit stride");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
+              positions.is_contiguous() && slot_mapping.is_contiguous(), "rotary_store: int64 positions and slots");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.size(1) * 2 == head_dim, "rotary_store: float32 cos/sin tables [max_pos, D/2]");
 }
 
 void rotary_store(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                   at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping, int64_t num_heads,
                   int64_t num_kv_heads, int64_t head_dim) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim,
-              "rotary_store: qkv [T, (Hq + 2 Hkv) D] with unit stride");
+  check_rotary_args(qkv, positions, cos, sin, slot_mapping, num_heads, num_kv_heads, head_dim);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == qkv.scalar_type() &&
               v_cache.scalar_type() == qkv.scalar_type(), "rotary_store: contiguous caches of qkv's dtype");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
-              positions.is_contiguous() && slot_mapping.is_contiguous(), "rotary_store: int64 positions and slots");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
-              cos.size(1) * 2 == head_dim, "rotary_store: float32 cos/sin tables [max_pos, D/2]");
+  const int64_t RD = num_kv_heads * head_dim;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_store", [&] {
-    rotary_store_impl<scalar_t>(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-                                head_dim);
+    scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    rotary_store_impl<scalar_t>(qkv, positions, cos, sin, slot_mapping, num_heads, num_kv_heads, head_dim,
+                                [&](int64_t slot, const scalar_t* k, const scalar_t* v) {
+                                  std::memcpy(kp + slot * RD, k, sizeof(scalar_t) * RD);
+                                  std::memcpy(vp + slot * RD, v, sizeof(scalar_t) * RD);
+                                });
+  });
+}
+
+// rotary_store into an int8 cache [blocks, block_size, Hkv, D] with float16 scales [blocks, block_size, Hkv].
+void rotary_store_int8(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                       at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& k_scales, at::Tensor& v_scales,
+                       const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  check_rotary_args(qkv, positions, cos, sin, slot_mapping, num_heads, num_kv_heads, head_dim);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_scales.is_contiguous() &&
+              v_scales.is_contiguous() && k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar &&
+              k_scales.scalar_type() == at::kHalf && v_scales.scalar_type() == at::kHalf,
+              "rotary_store_int8: contiguous int8 caches and float16 scales");
+  const int64_t RD = num_kv_heads * head_dim;
+  int8_t* kp = k_cache.data_ptr<int8_t>();
+  int8_t* vp = v_cache.data_ptr<int8_t>();
+  at::Half* ksp = k_scales.data_ptr<at::Half>();
+  at::Half* vsp = v_scales.data_ptr<at::Half>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_store_int8", [&] {
+    rotary_store_impl<scalar_t>(qkv, positions, cos, sin, slot_mapping, num_heads, num_kv_heads, head_dim,
+                                [&](int64_t slot, const scalar_t* k, const scalar_t* v) {
+                                  quantize_heads<scalar_t>(k, kp + slot * RD, ksp + slot * num_kv_heads,
+                                                           num_kv_heads, head_dim);
+                                  quantize_heads<scalar_t>(v, vp + slot * RD, vsp + slot * num_kv_heads,
+                                                           num_kv_heads, head_dim);
+                                });
   });
 }
 
 TORCH_LIBRARY(tokenmill_cpu, m) {
-  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int window, float scale) -> Tensor");
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int window, float scale, int sinks=0) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
+  m.def("paged_decode_int8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor v_scales, Tensor block_tables, Tensor context_lens, int window, float scale, int sinks=0) -> Tensor");
+  m.impl("paged_decode_int8", c10::DispatchKey::CPU, TORCH_FN(paged_decode_int8));
 #ifdef TOKENMILL_AVX512_BF16
   m.def("small_m_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("small_m_linear", c10::DispatchKey::CPU, TORCH_FN(small_m_linear));
@@ -534,10 +654,47 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
   m.def("rotary_store(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim) -> ()");
   m.impl("rotary_store", c10::DispatchKey::CPU, TORCH_FN(rotary_store));
+  m.def("rotary_store_int8(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor(d!) k_scales, Tensor(e!) v_scales, Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim) -> ()");
+  m.impl("rotary_store_int8", c10::DispatchKey::CPU, TORCH_FN(rotary_store_int8));
 }
 """
 
 _lock = threading.Lock()
+_built: dict[str, object] = {}
+
+
+def build_cpu_extension(name: str, source: str, namespace: str, probe_op: str):
+    """Compiles `source` (once per process; torch caches the build on disk) and returns torch.ops.<namespace>, or
+    None when it cannot be built here or does not define `probe_op` (e.g. the CPU lacks the instructions it
+    needs). TOKENMILL_CPU_KERNELS=0 turns every extension off."""
+    with _lock:
+        if name in _built:
+            return _built[name]
+        ops = None
+        if os.environ.get("TOKENMILL_CPU_KERNELS", "1") != "0":
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                load_inline(
+                    name=name,
+                    cpp_sources=[source],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                    verbose=False,
+                )
+                ops = getattr(torch.ops, namespace)
+                if not hasattr(ops, probe_op):
+                    logger.info("%s: %s is not available on this CPU", name, probe_op)
+                    ops = None
+                else:
+                    logger.info("CPU kernels %s ready", name)
+            except Exception as e:  # no compiler, no ninja, ...: the PyTorch paths still work
+                logger.warning("CPU kernels %s unavailable (%s); using the PyTorch paths", name, e)
+        _built[name] = ops
+        return ops
+
+
 _ops: object = None
 _loaded = False
 
@@ -546,27 +703,7 @@ def cpu_ops():
     """The compiled ops namespace (torch.ops.tokenmill_cpu), or None when it cannot be built here.
     TOKENMILL_CPU_KERNELS=0 turns it off (read once, at the first call)."""
     global _ops, _loaded
-    if _loaded:
-        return _ops
-    with _lock:
-        if _loaded:
-            return _ops
-        if os.environ.get("TOKENMILL_CPU_KERNELS", "1") != "0":
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                load_inline(
-                    name="tokenmill_cpu_kernels",
-                    cpp_sources=[_SOURCE],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                    verbose=False,
-                )
-                _ops = torch.ops.tokenmill_cpu
-                logger.info("CPU kernels ready")
-            except Exception as e:  # no compiler, no ninja, ...: the PyTorch paths still work
-                logger.warning("CPU kernels unavailable (%s); using the PyTorch paths", e)
+    if not _loaded:
+        _ops = build_cpu_extension("tokenmill_cpu_kernels", _SOURCE, "tokenmill_cpu", "paged_decode")
         _loaded = True
-        return _ops
-
+    return _ops
