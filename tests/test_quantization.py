@@ -45,6 +45,18 @@ def test_int4_round_trip_error_is_about_half_a_step(group):
     assert err.mean() < w.abs().mean() * 0.25
 
 
+def test_int4_clipping_lowers_importance_weighted_error():
+    w = _weight()
+    w[3, 100] = 2.0  # one outlier weight stretches its group's range
+    imp = torch.rand(256) + 0.1
+    plain, clipped = quantize_int4(w, 64), quantize_int4(w, 64, importance=imp)
+
+    def weighted(qw):
+        return float(((qw.dequantize() - w).pow(2) * imp).sum())
+
+    assert weighted(clipped) < weighted(plain)
+
+
 def test_int4_nibble_packing_round_trips():
     q = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
     assert torch.equal(unpack_int4(pack_int4(q)), q)

@@ -44,9 +44,12 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return w
 
 
-def quantize_model(model: nn.Module, policy: QuantPolicy) -> dict[str, dict]:
+def quantize_model(model: nn.Module, policy: QuantPolicy,
+                   importance: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Round-to-nearest quantisation of every layer the policy selects (AWQ, if wanted, has already rescaled the
-    float weights: quant/awq.py). Returns the layout for checkpoints: {name: {"format", "group_size"}}."""
+    float weights and measured `importance`, the mean squared input per channel of its layers, which int4 uses
+    to clip group ranges: quant/awq.py). Returns the layout for checkpoints: {name: {"format", "group_size"}}."""
+    importance = importance or {}
     cfg = model.config
     dtype = model.embed_tokens.weight.dtype
     layout: dict[str, dict] = {}
@@ -57,7 +60,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy) -> dict[str, dict]:
         if fmt == "bf16":
             continue
         module = model.get_submodule(name)
-        qw = quantize(_dense_weight(module), fmt, policy.group_size, name)
+        qw = quantize(_dense_weight(module), fmt, policy.group_size, name, importance.get(name))
         bias = getattr(module, "bias", None)
         head = QuantLinear.from_quantized(qw, None if bias is None else bias.detach(), dtype)
         if name == "embed_tokens":

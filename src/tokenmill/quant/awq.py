@@ -92,11 +92,17 @@ def _gqa_shared(x_mean: torch.Tensor, num_heads: int, num_kv_heads: int, head_di
     return m.expand(num_kv_heads, group, head_dim).reshape(-1)
 
 
+@dataclass
+class AWQResult:
+    report: dict[str, dict[str, float]]  # per layer: output error with the searched scale, and with plain RTN
+    importance: dict[str, torch.Tensor]  # per layer: mean squared input per channel after scaling (for clipping)
+
+
 @torch.no_grad()
 def apply_awq(model: nn.Module, run_forward, samples: list[torch.Tensor], policy: QuantPolicy,
-              grid: int = 20) -> dict[str, dict[str, float]]:
+              grid: int = 20) -> AWQResult:
     """Calibrates on `samples` (token-id tensors, each run through `run_forward`) and rescales the float model in
-    place for every int4 layer of `policy`. Returns per-layer {alpha-searched error, RTN error} for the report."""
+    place for every int4 layer of `policy`."""
     cfg = model.config
     targets: dict[str, nn.Module] = {}
     for i, layer in enumerate(model.layers):
@@ -107,7 +113,7 @@ def apply_awq(model: nn.Module, run_forward, samples: list[torch.Tensor], policy
     if not cfg.tie_word_embeddings and policy.format_for("lm_head", cfg.num_layers) == "int4":
         targets["lm_head"] = model.lm_head
     if not targets:
-        return {}
+        return AWQResult({}, {})
     recorder = ActivationRecorder(targets)
     try:
         for ids in tqdm(samples, desc="calibration forward", unit="sample"):
@@ -117,6 +123,7 @@ def apply_awq(model: nn.Module, run_forward, samples: list[torch.Tensor], policy
 
     q, kv, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
     report: dict[str, dict[str, float]] = {}
+    importance: dict[str, torch.Tensor] = {}
     for name, module in tqdm(targets.items(), desc="AWQ scale search", unit="layer"):
         st = recorder.stats[name]
         x_mean = st.abs_sum / st.count
@@ -125,6 +132,7 @@ def apply_awq(model: nn.Module, run_forward, samples: list[torch.Tensor], policy
         x = torch.cat(st.rows)
         s, err, rtn = search_scale(module.weight.data, x, x_mean, policy.group_size, grid)
         report[name] = {"awq_error": err, "rtn_error": rtn}
+        importance[name] = (x / s).pow(2).mean(dim=0)
         if torch.equal(s, torch.ones_like(s)):
             continue
         module.weight.data.mul_(s.to(module.weight.dtype)[None, :])
@@ -151,4 +159,4 @@ def apply_awq(model: nn.Module, run_forward, samples: list[torch.Tensor], policy
     if gain:
         logger.info("AWQ: %d layers, output-error reduction vs round-to-nearest median %.2fx",
                     len(gain), sorted(gain)[len(gain) // 2])
-    return report
+    return AWQResult(report, importance)

@@ -57,15 +57,17 @@ def quantize_checkpoint(model: str | None, method: str, out_dir: str, group_size
     float_bytes = {k: v // 2 for k, v in weight_bytes_by_part(m).items()}  # as bf16
     tokenizer = Tokenizer.from_path(path)
     report: dict[str, dict[str, float]] = {}
+    importance: dict[str, torch.Tensor] = {}
     calib = {}
     if policy.awq:
         from ..engine.model_runner import ModelRunner
 
         samples = calibration_samples(tokenizer.encode, calibration_samples_n, calibration_seq_len)
         runner = ModelRunner(m, cfg, torch.device("cpu"), torch.float32)
-        report = apply_awq(m, lambda ids: runner.prompt_logits(ids, last_only=True), samples, policy)
+        awq = apply_awq(m, lambda ids: runner.prompt_logits(ids, last_only=True), samples, policy)
+        report, importance = awq.report, awq.importance
         calib = {"samples": len(samples), "seq_len": calibration_seq_len, "source": "ShareGPT V3 conversations 1000-3000"}
-    layout = quantize_model(m, policy)
+    layout = quantize_model(m, policy, importance)
     cast_float_weights(m, DTYPES[dtype])
     save_quantized_checkpoint(m, layout, out_dir, tokenizer, extra={"policy": policy.to_dict(), "calibration": calib})
     return QuantizeResult(out_dir, layout, weight_bytes_by_part(m), float_bytes, report, time.perf_counter() - t0)

@@ -79,26 +79,54 @@ def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight("int8", q, scales)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, name: str = "weight") -> QuantizedWeight:
-    """Asymmetric group-wise int4 (round to nearest, min/max range per group). Scales and zeros are stored in
-    bf16, the precision the CPU kernel computes with, and the codes are rounded against those stored values."""
+def quantize_int4(w: torch.Tensor, group_size: int, name: str = "weight",
+                  importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """Asymmetric group-wise int4, round to nearest. Scales and zeros are stored in bf16, the precision the CPU
+    kernel computes with, and the codes are rounded against those stored values.
+
+    With `importance` (per input channel, e.g. the mean squared activation) each group's range is also shrunk
+    towards its centre by the factor in CLIP_GRID that minimises the importance-weighted squared error (AWQ's
+    clipping step): clipping a few outliers buys a finer step for the rest."""
     n, k = w.shape
     check_group_size(k, group_size, name)
     wg = w.detach().float().view(n, k // group_size, group_size)
-    lo = wg.amin(dim=2)
-    hi = wg.amax(dim=2)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+    if importance is None:
+        return _int4_with_range(wg, lo, hi, group_size)
+    imp = importance.float().view(1, k // group_size, group_size)
+    best_err = best_lo = best_hi = None
+    mid = (lo + hi) / 2
+    for c in CLIP_GRID:
+        clo, chi = mid + (lo - mid) * c, mid + (hi - mid) * c
+        qw = _int4_with_range(wg, clo, chi, group_size)
+        err = ((qw.dequantize().view_as(wg) - wg).pow(2) * imp).sum(dim=2)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, clo, chi
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, clo, best_lo), torch.where(better, chi, best_hi)
+    return _int4_with_range(wg, best_lo, best_hi, group_size)
+
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _int4_with_range(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int) -> QuantizedWeight:
+    n = wg.shape[0]
     scales = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
     zeros = (lo + 8.0 * scales.float()).to(torch.bfloat16)  # w = q s + lo = (q - 8) s + (lo + 8 s)
     q = torch.round((wg - zeros.float()[..., None]) / scales.float()[..., None]) + 8
-    q = q.clamp_(0, 15).to(torch.uint8).view(n, k)
+    q = q.clamp_(0, 15).to(torch.uint8).view(n, -1)
     return QuantizedWeight("int4", pack_int4(q), scales, zeros, group_size)
 
 
-def quantize(w: torch.Tensor, method: str, group_size: int = 64, name: str = "weight") -> QuantizedWeight:
+def quantize(w: torch.Tensor, method: str, group_size: int = 64, name: str = "weight",
+             importance: torch.Tensor | None = None) -> QuantizedWeight:
     if method == "int8":
         return quantize_int8(w)
     if method == "int4":
-        return quantize_int4(w, group_size, name)
+        return quantize_int4(w, group_size, name, importance)
     raise ValueError(f"unknown weight quantisation method {method!r}; expected int8 or int4")
 
 
