@@ -228,6 +228,8 @@ def test_bad_quantisation_input(tiny_model_factory, tmp_path):
     bad.write_text('{"default": "int4", "colour": "red"}')
     with pytest.raises(ValueError, match="bad quantisation policy file"):
         resolve_policy(str(bad))
+    with pytest.raises(ValueError, match="no kernel on device 'meta'"):
+        QuantLinear(64, 32, "int4", 32, device="meta").prepare()
     with pytest.raises(ValueError, match="cannot fuse quantised weights"):
         QuantizedWeight.cat_rows([quantize_int8(torch.randn(4, 64)), quantize_int4(torch.randn(4, 64), 32)])
 

@@ -138,6 +138,7 @@ class EngineFrontend:
     dead_reason: str | None = None
     _accepting: bool = True
     _stats: dict[str, float]
+    kv_window: int | None = None  # --kv-window: requests are not limited to max_model_len
 
     @staticmethod
     def _check_limits(max_queued_requests: int | None, request_timeout: float | None) -> None:
@@ -242,6 +243,10 @@ class AsyncEngine(EngineFrontend):
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def kv_window(self) -> int | None:
+        return self.engine.kv_window
 
     @property
     def model_path(self) -> str:

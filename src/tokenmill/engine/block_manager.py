@@ -3,6 +3,10 @@
 Prefix cache: each full block is keyed by (key of the previous block, its token ids). The dict compares the token
 tuple exactly, so a hash collision can never hand out the wrong block. Cached blocks whose reference count drops to
 zero stay cached in an LRU and are evicted only when a free block is needed.
+
+Attention window: when every layer attends only to the first `sinks` tokens and the last `window` ones (a model's
+native sliding window, or --kv-window), blocks no later token can see are released while the sequence runs; their
+block-table entries become FREED_BLOCK, which attention never reads.
 """
 from __future__ import annotations
 
@@ -10,12 +14,19 @@ from collections import OrderedDict
 
 from .sequence import Sequence
 
+FREED_BLOCK = -1  # block-table entry of a block released because it left the attention window
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None,
+        sinks: int = 0,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window  # None: some layer attends to the whole context, nothing is ever dropped
+        self.sinks = sinks
         self.ref_counts = [0] * num_blocks
         # A stack (lowest ids on top, freed blocks pushed back on top): the blocks in use stay a compact, recently
         # touched set, so on CPU (cache left unwritten) resident memory follows the peak in-flight tokens.
@@ -80,6 +91,29 @@ class BlockManager:
         seq.num_computed_tokens = hit
         return hit
 
+    def drop_out_of_window(self, seq: Sequence) -> int:
+        """Releases the blocks of `seq` that no token from num_computed_tokens on can attend to (after the sinks and
+        entirely before the window of the next token). Returns how many were released.
+
+        A dropped block goes through the ordinary release, so prefix caching stays on: a block registered in the
+        prefix cache keeps its contents and stays there as evictable (K/V of a position depend only on the tokens up
+        to it under the attention rule every sequence of this engine shares, so a later hit is still correct), and
+        it leaves the cache when it is reused. The sequence itself never holds or reads it again."""
+        if self.window is None:
+            return 0
+        bs = self.block_size
+        end = min((seq.num_computed_tokens - self.window + 1) // bs, len(seq.block_table))
+        start = max(seq.dropped_until, -(-self.sinks // bs))  # first block without a sink token
+        dropped = 0
+        for i in range(start, end):
+            block = seq.block_table[i]
+            if block != FREED_BLOCK:
+                self._release(block)
+                seq.block_table[i] = FREED_BLOCK
+                dropped += 1
+        seq.dropped_until = max(seq.dropped_until, end)
+        return dropped
+
     def blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
         need = -(-total // self.block_size) - len(seq.block_table)
@@ -91,7 +125,9 @@ class BlockManager:
 
     def append_slots(self, seq: Sequence, num_new_tokens: int, reserve: int = 0) -> bool:
         """Makes room for `num_new_tokens` more tokens after the computed ones. All or nothing: returns False and
-        changes nothing when fewer than the needed blocks (+ `reserve`) are free."""
+        changes nothing when fewer than the needed blocks (+ `reserve`) are free (blocks that left the attention
+        window are released first in any case)."""
+        self.drop_out_of_window(seq)
         if self.blocks_to_append(seq, num_new_tokens) + reserve > self.num_free_blocks:
             return False
         if self._needs_cow(seq, num_new_tokens):
@@ -117,7 +153,7 @@ class BlockManager:
             key = (hash(key), tuple(seq.token_ids[i * bs : (i + 1) * bs]))
             seq.block_keys.append(key)
             block = seq.block_table[i]
-            if key not in self.cached and block not in self.block_key:
+            if block != FREED_BLOCK and key not in self.cached and block not in self.block_key:
                 self.cached[key] = block
                 self.block_key[block] = key
 
@@ -126,16 +162,20 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.block_keys = list(parent.block_keys)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.dropped_until = parent.dropped_until
         for block in child.block_table:
-            self.ref_counts[block] += 1
+            if block != FREED_BLOCK:
+                self.ref_counts[block] += 1
 
     def free(self, seq: Sequence) -> None:
         # Release in reverse so that, among evictable blocks, a sequence's tail goes before its shared head.
         for block in reversed(seq.block_table):
-            self._release(block)
+            if block != FREED_BLOCK:
+                self._release(block)
         seq.block_table = []
         seq.block_keys = []
         seq.num_computed_tokens = 0
+        seq.dropped_until = 0
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -182,6 +182,7 @@ def _child_main(conn: Any, config: EngineConfig, engine_kwargs: dict[str, Any], 
     llm = engine.engine
     conn.send(("ready", {
         "max_model_len": engine.max_model_len,
+        "kv_window": engine.kv_window,
         "model_path": llm.model_path,
         "tokenizer": llm.tokenizer,  # pickled: rebuilding it from a GGUF takes seconds
         "stats": engine.stats(),
@@ -229,6 +230,7 @@ class ProcessEngine(EngineFrontend):
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
         info = msg[1]
         self.max_model_len: int = info["max_model_len"]
+        self.kv_window: int | None = info["kv_window"]
         self.model_path: str = info["model_path"]
         self.tokenizer = info["tokenizer"]
         self._stats: dict[str, float] = info["stats"]

@@ -284,8 +284,15 @@ class LLMEngine:
                 return self._finish(seq, "stop", stop_str)
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             self._finish(seq, "length")
-        elif seq.num_tokens >= self.max_model_len and self.kv_window is None:  # a KV window has no length limit
+        elif self._past_length_limit(seq):
             self._finish(seq, "length")
+
+    def _past_length_limit(self, seq: Sequence) -> bool:
+        """The context length bounds a sequence; with a KV window it bounds only the tokens generated when
+        max_tokens is None (there is no context to run out of)."""
+        if self.kv_window is None:
+            return seq.num_tokens >= self.max_model_len
+        return seq.group.params.max_tokens is None and seq.num_output_tokens >= self.max_model_len
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.finish_reason = reason

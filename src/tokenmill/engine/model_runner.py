@@ -11,6 +11,7 @@ import torch
 from ..config import CacheConfig, ModelConfig
 from ..model.layers.attention import AttentionMetadata, PrefillSpan
 from ..model.layers.cpu_kernels import cpu_ops
+from ..model.layers.kv_cache import KVCache, QuantizedKVCache, new_kv_cache
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ class ModelRunner:
         self.model = model
         self.cfg = model_cfg
         self.device = device
-        self.kv_dtype = kv_dtype
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_dtype = kv_dtype  # torch.int8: the quantised cache of kv_cache.py
+        self.kv_caches: list[KVCache] = []
         self.block_size = 0
 
     # ---- KV cache -------------------------------------------------------------------------------------------
@@ -84,13 +85,19 @@ class ModelRunner:
 
     _profile_tokens = 512
 
+    def _new_caches(self, num_blocks: int, block_size: int, zeroed: bool) -> list[KVCache]:
+        cfg = self.cfg
+        return [
+            new_kv_cache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, self.device, zeroed)
+            for _ in range(cfg.num_layers)
+        ]
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        shape = (2, num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         # The PyTorch decode path multiplies masked-out (padding) slots by weight 0, so garbage there could turn into
         # NaN: zero the cache for it. The CPU kernels read only valid slots, so on CPU the cache stays unwritten and
         # the OS commits pages only as blocks are used (fast start, resident memory grows with actual use).
-        alloc = torch.empty if self.device.type == "cpu" and cpu_ops() is not None else torch.zeros
-        self.kv_caches = [alloc(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        zeroed = not (self.device.type == "cpu" and cpu_ops() is not None)
+        self.kv_caches = self._new_caches(num_blocks, block_size, zeroed)
         self.block_size = block_size
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",
@@ -106,7 +113,10 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:
-            cache[:, dst] = cache[:, src]
+            if isinstance(cache, QuantizedKVCache):
+                cache.copy_blocks_(src, dst)
+            else:
+                cache[:, dst] = cache[:, src]
 
     def _warmup_forward(self, num_tokens: int) -> None:
         self.prompt_logits(torch.zeros(num_tokens, dtype=torch.long), last_only=True)
@@ -116,8 +126,8 @@ class ModelRunner:
         n = token_ids.shape[0]
         block_size = 16
         nb = -(-n // block_size)
-        shape = (2, nb, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        caches = [torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        caches = self._new_caches(nb, block_size, zeroed=False)
+        self.ensure_positions(n)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(n, device=self.device),
             num_decode=0,
@@ -129,6 +139,13 @@ class ModelRunner:
         rows = torch.arange(n - 1 if last_only else 0, n, device=self.device)
         with torch.inference_mode():
             return self.model(token_ids.to(self.device), torch.arange(n, device=self.device), caches, meta, rows)
+
+    def ensure_positions(self, num_positions: int) -> None:
+        """Makes the RoPE tables cover positions [0, num_positions) (a KV window lets sequences run past the
+        context length the model was built for)."""
+        rotary = getattr(self.model, "rotary", None)
+        if rotary is not None and num_positions > rotary.max_positions:
+            rotary.ensure_positions(num_positions)
 
     # ---- one step -------------------------------------------------------------------------------------------
     def execute(
@@ -146,6 +163,7 @@ class ModelRunner:
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         prefills: list[PrefillSpan] = []
+        num_positions = 0
 
         for seq, n in scheduled:
             start = len(input_ids)
@@ -174,11 +192,13 @@ class ModelRunner:
             if c + n == seq.num_tokens:
                 sample_rows[seq.seq_id] = len(logits_idx)
                 logits_idx.append(start + n - 1)
+            num_positions = max(num_positions, c + n)
 
         layout = BatchLayout(sample_rows, prompt_rows)
         if not logits_idx:
             logits_idx.append(len(input_ids) - 1)  # the model always returns at least one row
 
+        self.ensure_positions(num_positions)
         dev = self.device
         if dec_tables:
             width = max(len(t) for t in dec_tables)

@@ -31,6 +31,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_keys: list = field(default_factory=list)  # prefix-cache keys of this sequence's full blocks
+    dropped_until: int = 0  # block-table index below which blocks outside the attention window were freed
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

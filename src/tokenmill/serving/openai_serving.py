@@ -162,6 +162,7 @@ class OpenAIServing:
         max_tokens_param: str = "max_tokens",
     ) -> SamplingParams:
         limit = self.engine.max_model_len
+        windowed = self.engine.kv_window is not None  # --kv-window: sessions may run past the context length
         if not 1 <= req.n <= self.limits.max_n:
             raise APIError(400, f"n must be between 1 and {self.limits.max_n}, got {req.n}", param="n")
         if max_tokens is not None and max_tokens < 1:
@@ -171,11 +172,11 @@ class OpenAIServing:
             n = len(p.token_ids)
             if n == 0:
                 raise APIError(400, f"the {prompt_param} is empty (no tokens)", param=prompt_param)
-            if n >= limit:
+            if n >= limit and not windowed:
                 raise APIError(400, f"this model's maximum context length is {limit} tokens, but the {prompt_param} "
                                     f"has {n} tokens (at least one more is needed for the completion)",
                                param=prompt_param, code="context_length_exceeded")
-            if max_tokens is not None and n + max_tokens > limit:
+            if max_tokens is not None and n + max_tokens > limit and not windowed:
                 raise APIError(400, f"this model's maximum context length is {limit} tokens, but {n + max_tokens} "
                                     f"were requested ({n} in the {prompt_param}, {max_tokens} in the completion); "
                                     f"reduce the {prompt_param} or {max_tokens_param}",
@@ -183,7 +184,7 @@ class OpenAIServing:
             longest = max(longest, n)
         kwargs: dict[str, Any] = dict(
             n=req.n,
-            max_tokens=max_tokens if max_tokens is not None else limit - longest,
+            max_tokens=max_tokens if max_tokens is not None else (limit if windowed else limit - longest),
             min_tokens=req.min_tokens,
             stop=req.stop,
             stop_token_ids=req.stop_token_ids,

@@ -1,8 +1,13 @@
 """Paged attention: one interface, backends chosen per device.
 
-The KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]. A flat batch holds
-decode tokens first (one per sequence) and then prefill chunks (several tokens of one sequence each). New keys and
-values are written to their cache slots first; attention then reads each sequence's context through its block table.
+The KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim], or an int8 cache with
+per-token scales (kv_cache.py). A flat batch holds decode tokens first (one per sequence) and then prefill chunks
+(several tokens of one sequence each). New keys and values are written to their cache slots first; attention then
+reads each sequence's context through its block table.
+
+A layer may attend to a window: each token sees the last `window` tokens (itself included) plus the first `sinks`
+tokens of its sequence (StreamingLLM's attention sinks; 0 for a model's native sliding window). Blocks entirely
+outside every layer's view may have been freed: their block-table entries are then stale and are never read.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_kernels import cpu_ops
+from .kv_cache import KVCache, QuantizedKVCache, gather_blocks, gather_slots, store_kv
 from .rotary import RopeInputs, apply_rotary
 
 # Query rows per SDPA call when a prefill needs an explicit mask (cached prefix or sliding window):
@@ -35,22 +41,35 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decode] int64, including the new token
     prefills: list[PrefillSpan]
     block_size: int
-    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+    _decode_gathers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """Boolean [num_decode, 1, 1, max_len] mask (True = attend), built once per step per window size."""
-        mask = self._decode_masks.get(window)
-        if mask is None:
+    def decode_mask(self) -> torch.Tensor:
+        """Boolean [num_decode, 1, 1, max_len] mask (True = attend) over whole block tables, built once per step."""
+        if self._decode_mask is None:
             assert self.decode_block_tables is not None and self.decode_context_lens is not None
             max_len = self.decode_block_tables.shape[1] * self.block_size
             idx = torch.arange(max_len, device=self.decode_context_lens.device)[None, :]
-            lens = self.decode_context_lens[:, None]
-            mask = idx < lens
-            if window is not None:
-                mask &= idx > (lens - 1 - window)
-            mask = mask[:, None, None, :]
-            self._decode_masks[window] = mask
-        return mask
+            self._decode_mask = (idx < self.decode_context_lens[:, None])[:, None, None, :]
+        return self._decode_mask
+
+    def decode_gather(self, window: int, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache slots [num_decode, L] of the tokens each decode attends to (its first `sinks` tokens and the last
+        `window`), padded to the longest, and the boolean mask [num_decode, 1, 1, L] of the real ones. Built once per
+        step per (window, sinks)."""
+        key = (window, sinks)
+        if key not in self._decode_gathers:
+            bt, lens, bs = self.decode_block_tables, self.decode_context_lens, self.block_size
+            assert bt is not None and lens is not None
+            lo = (lens - window).clamp(min=0)  # first token of the window
+            ns = lo.clamp(max=sinks)  # sink tokens before it
+            count = ns + lens - lo
+            j = torch.arange(int(count.max()), device=lens.device)[None, :]
+            pos = torch.where(j < ns[:, None], j, lo[:, None] + j - ns[:, None])
+            pos = torch.minimum(pos, lens[:, None] - 1)  # padding reads the newest token (written, never freed)
+            slots = bt.gather(1, pos // bs) * bs + pos % bs
+            self._decode_gathers[key] = (slots, (j < count[:, None])[:, None, None, :])
+        return self._decode_gathers[key]
 
 
 class PagedAttention:
@@ -58,36 +77,44 @@ class PagedAttention:
     the compiled paged kernel (cpu_kernels.py) that reads blocks in place; elsewhere, or when it cannot be built,
     SDPA over the gathered blocks."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None, sinks: int = 0
+    ) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.group = num_heads // num_kv_heads
         self.window = sliding_window
+        self.sinks = sinks  # with a window: the first `sinks` tokens stay visible
         self.scale = head_dim**-0.5
 
     def rotate_and_store(
-        self, qkv: torch.Tensor, rope: RopeInputs, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, qkv: torch.Tensor, rope: RopeInputs, kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Splits a fused QKV output [T, (Hq + 2 Hkv) D] into q, k, v, applies RoPE to q and k and writes k, v to
-        their cache slots. On CPU one fused kernel does it all in place."""
+        their cache slots (quantised for an int8 cache). On CPU one fused kernel does it all in place."""
         t, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        ops = cpu_ops() if qkv.device.type == "cpu" and kv_cache.dtype == qkv.dtype else None
+        quantized = isinstance(kv_cache, QuantizedKVCache)
+        fused = qkv.device.type == "cpu" and (quantized or kv_cache.dtype == qkv.dtype)
+        ops = cpu_ops() if fused else None
         if ops is not None:
             qkv = qkv.contiguous()
-            ops.rotary_store(qkv, rope.positions, rope.cos_table, rope.sin_table, kv_cache[0], kv_cache[1],
-                             meta.slot_mapping, hq, hkv, d)
+            if quantized:
+                data, scales = kv_cache.data, kv_cache.scales
+                ops.rotary_store_int8(qkv, rope.positions, rope.cos_table, rope.sin_table, data[0], data[1],
+                                      scales[0], scales[1], meta.slot_mapping, hq, hkv, d)
+            else:
+                ops.rotary_store(qkv, rope.positions, rope.cos_table, rope.sin_table, kv_cache[0], kv_cache[1],
+                                 meta.slot_mapping, hq, hkv, d)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
         if ops is None:
             q, k = apply_rotary(q, k, rope)
-            _, num_blocks, block_size, _, _ = kv_cache.shape
-            kv_cache[0].view(num_blocks * block_size, hkv, d).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-            kv_cache[1].view(num_blocks * block_size, hkv, d).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+            store_kv(kv_cache, meta.slot_mapping, k, v)
         return q, k, v
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D], already in the cache (rotate_and_store). Returns [T, Hq * D]."""
         out = torch.empty_like(q)
@@ -99,52 +126,61 @@ class PagedAttention:
             out[s : s + n] = self._prefill(q[s : s + n], k[s : s + n], v[s : s + n], kv_cache, span)
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        bt = meta.decode_block_tables
-        assert bt is not None
-        ops = cpu_ops() if kv_cache.device.type == "cpu" and q.dtype == kv_cache.dtype else None
-        if ops is not None:
-            return ops.paged_decode(
-                    q.contiguous(), kv_cache[0], kv_cache[1], bt, meta.decode_context_lens,
-                    -1 if self.window is None else self.window, self.scale,
-                )
-        # Portable path: gather each sequence's blocks (padded to the longest) and run SDPA.
+    def _decode(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        bt, lens = meta.decode_block_tables, meta.decode_context_lens
+        assert bt is not None and lens is not None
+        window = -1 if self.window is None else self.window
+        ops = cpu_ops() if kv_cache.device.type == "cpu" else None
+        if ops is not None and isinstance(kv_cache, QuantizedKVCache):
+            data, scales = kv_cache.data, kv_cache.scales
+            return ops.paged_decode_int8(q.contiguous(), data[0], data[1], scales[0], scales[1], bt, lens, window,
+                                         self.scale, self.sinks)
+        if ops is not None and q.dtype == kv_cache.dtype:
+            return ops.paged_decode(q.contiguous(), kv_cache[0], kv_cache[1], bt, lens, window, self.scale,
+                                    self.sinks)
+        # Portable path: gather each sequence's context (padded to the longest) and run SDPA.
         b, max_blocks = bt.shape
         _, _, block_size, hkv, d = kv_cache.shape
-        flat_bt = bt.reshape(-1)
-        keys = kv_cache[0].index_select(0, flat_bt).view(b, max_blocks * block_size, hkv, d).transpose(1, 2)
-        values = kv_cache[1].index_select(0, flat_bt).view(b, max_blocks * block_size, hkv, d).transpose(1, 2)
+        if self.window is None:
+            keys, values = gather_blocks(kv_cache, bt.reshape(-1), q.dtype)
+            keys = keys.view(b, max_blocks * block_size, hkv, d)
+            values = values.view(b, max_blocks * block_size, hkv, d)
+            mask = meta.decode_mask()
+        else:  # only the window and the sinks: the blocks in between may have been freed
+            slots, mask = meta.decode_gather(self.window, self.sinks)
+            keys, values = gather_slots(kv_cache, slots, q.dtype)
         # The query heads of one KV head are the "query rows" of that head: no KV repetition for GQA/MQA.
         qg = q.view(b, hkv, self.group, d).to(keys.dtype)
-        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.decode_mask(self.window))
+        o = F.scaled_dot_product_attention(qg, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
         return o.reshape(b, self.num_heads, d).to(q.dtype)
 
     def _prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, span: PrefillSpan
     ) -> torch.Tensor:
         n, ctx = span.num_tokens, span.context_len
         window = self.window
         if ctx == n and (window is None or window >= ctx):
             # Whole prompt in one chunk, plain causal: the new keys are the whole context.
-            keys, values = k, v
-            return self._sdpa(q, keys, values, None)
-        _, _, block_size, hkv, d = kv_cache.shape
-        nb = (ctx + block_size - 1) // block_size
-        table = span.block_table[:nb]
-        keys = kv_cache[0].index_select(0, table).view(nb * block_size, hkv, d)[:ctx]
-        values = kv_cache[1].index_select(0, table).view(nb * block_size, hkv, d)[:ctx]
+            return self._sdpa(q, k, v, None)
+        block_size = kv_cache.shape[2]
         first_pos = ctx - n
+        # Key positions the chunk can attend to: everything, or the sinks and the window of its first token on.
+        lo = 0 if window is None else max(0, first_pos - window + 1)
+        ns = min(self.sinks, lo)
+        key_pos = torch.cat([torch.arange(ns), torch.arange(lo, ctx)]).to(q.device)
+        slots = span.block_table[key_pos // block_size] * block_size + key_pos % block_size
+        keys, values = gather_slots(kv_cache, slots, q.dtype)
         out = torch.empty_like(q)
-        key_idx = torch.arange(ctx, device=q.device)[None, :]
         for t0 in range(0, n, PREFILL_QUERY_TILE):
             t1 = min(n, t0 + PREFILL_QUERY_TILE)
             q_pos = torch.arange(first_pos + t0, first_pos + t1, device=q.device)[:, None]
-            mask = key_idx <= q_pos
-            if window is not None:
-                mask &= key_idx > q_pos - window
             # Keys beyond the tile's last position are never attended: trim them.
-            kv_end = first_pos + t1
-            out[t0:t1] = self._sdpa(q[t0:t1], keys[:kv_end], values[:kv_end], mask[:, :kv_end])
+            kv_end = ns + first_pos + t1 - lo
+            kp = key_pos[None, :kv_end]
+            mask = kp <= q_pos
+            if window is not None:
+                mask &= (kp > q_pos - window) | (kp < self.sinks)
+            out[t0:t1] = self._sdpa(q[t0:t1], keys[:kv_end], values[:kv_end], mask)
         return out
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -160,3 +196,20 @@ class PagedAttention:
             is_causal=mask is None,
         )
         return o.squeeze(0).transpose(0, 1)
+
+
+def layer_windows(native: list[int | None], kv_window: int | None) -> list[int | None]:
+    """Each layer's attention window: the model's own (None = full attention), narrowed to `kv_window` when set."""
+    if kv_window is None:
+        return list(native)
+    return [kv_window if w is None else min(w, kv_window) for w in native]
+
+
+def configure_windows(model: torch.nn.Module, windows: list[int | None], sinks: int) -> None:
+    """Sets the window and attention sinks of every PagedAttention of `model` (one per layer, in layer order)."""
+    attns = [a for m in model.modules() for a in vars(m).values() if isinstance(a, PagedAttention)]
+    if len(attns) != len(windows):
+        raise ValueError(f"model has {len(attns)} attention layers, got {len(windows)} windows")
+    for attn, window in zip(attns, windows):
+        attn.window = window
+        attn.sinks = sinks if window is not None else 0

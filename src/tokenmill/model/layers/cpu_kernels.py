@@ -143,15 +143,17 @@ static void decode_impl(const at::Tensor& q, const Rows& krows, const Rows& vrow
       for (int64_t j = 0; j < Hq * D; ++j) qf[j] *= sc;
       scores.resize(Hq * n);
       std::fill(mx.begin(), mx.end(), -INFINITY);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t t = j < ns ? j : start + (j - ns);
+      // token t's score goes to column j: sinks [0, ns) first, then the window [start, len)
+      auto score = [&](int64_t t, int64_t j) {
         krows.load(btp[b * maxb + t / bs] * bs + t % bs, row.data());
         for (int64_t hq = 0; hq < Hq; ++hq) {
           const float s = dot(qf.data() + hq * D, row.data() + (hq / G) * D, D);
           scores[hq * n + j] = s;
           mx[hq] = std::max(mx[hq], s);
         }
-      }
+      };
+      for (int64_t t = 0; t < ns; ++t) score(t, t);
+      for (int64_t t = start; t < len; ++t) score(t, ns + t - start);
       for (int64_t hq = 0; hq < Hq; ++hq) {
         float* sg = scores.data() + hq * n;
         float total = 0.f;
@@ -159,14 +161,12 @@ static void decode_impl(const at::Tensor& q, const Rows& krows, const Rows& vrow
         sum[hq] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t t = j < ns ? j : start + (j - ns);
+      auto accumulate = [&](int64_t t, int64_t j) {
         vrows.load(btp[b * maxb + t / bs] * bs + t % bs, row.data());
-        for (int64_t hq = 0; hq < Hq; ++hq) {
-          const float p = scores[hq * n + j];
-          axpy(p, row.data() + (hq / G) * D, acc.data() + hq * D, D);
-        }
-      }
+        for (int64_t hq = 0; hq < Hq; ++hq) axpy(scores[hq * n + j], row.data() + (hq / G) * D, acc.data() + hq * D, D);
+      };
+      for (int64_t t = 0; t < ns; ++t) accumulate(t, t);
+      for (int64_t t = start; t < len; ++t) accumulate(t, ns + t - start);
       for (int64_t hq = 0; hq < Hq; ++hq) {
         const float inv = 1.f / sum[hq];
         T* o = op + (b * Hq + hq) * D;
@@ -269,6 +269,22 @@ static inline void pv_heads(const float* const* probs, int nh, const at::BFloat1
     for (int c = 0; c < NF; ++c) _mm512_storeu_ps(out[h] + c * 16, acc[h][c]);
 }
 
+// In-place softmax of n scores padded with room up to npad (a multiple of 16); the padding ends up 0.
+static inline void softmax_padded(float* sg, int64_t n, int64_t npad) {
+  for (int64_t j = n; j < npad; ++j) sg[j] = -INFINITY;
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < npad; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < npad; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mx));  // padding: exp(-inf) -> 0
+    _mm512_storeu_ps(sg + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t j = 0; j < npad; j += 16) _mm512_storeu_ps(sg + j, _mm512_mul_ps(_mm512_loadu_ps(sg + j), inv));
+}
+
 template <int NC>
 static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
                             int64_t shift, int64_t mask, int64_t bs, int64_t Hq, int64_t Hkv, int64_t ns,
@@ -283,18 +299,7 @@ static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at
     float* sg = scores.data() + h * npad;
     if (ns) qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, 0, ns, sc, sg);
     qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, start, len, sc, sg + ns);
-    for (int64_t j = n; j < npad; ++j) sg[j] = -INFINITY;
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < npad; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + j));
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < npad; j += 16) {
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + j), mx));  // padding: exp(-inf) -> 0
-      _mm512_storeu_ps(sg + j, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-    for (int64_t j = 0; j < npad; j += 16) _mm512_storeu_ps(sg + j, _mm512_mul_ps(_mm512_loadu_ps(sg + j), inv));
+    softmax_padded(sg, n, npad);
   }
   acc.resize(Hq * D);
   for (int64_t g = 0; g < Hkv; ++g) {
@@ -349,6 +354,121 @@ static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const 
     }
   }
 }
+// ---- int8 KV cache: keys/values int8 [blocks, bs, Hkv, D], float16 scales [blocks, bs, Hkv]; q in fp32 registers.
+static inline __m512 load_i8x16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+struct I8Cache {
+  const int8_t* p; const at::Half* s; const int64_t* table; int64_t shift, mask, bs, Hkv;
+  inline int64_t slot(int64_t t) const { return table[t >> shift] * bs + (t & mask); }
+};
+
+// scores[t - start] = kscale_t * q.k_t for KV head g over tokens [start, len) (q already holds the softmax scale)
+template <int NF>
+static inline void qk_head_i8(const __m512* qf, const I8Cache& k, int64_t g, int64_t start, int64_t len,
+                              float* scores) {
+  constexpr int D = NF * 16;
+  __m512 acc[16];
+  float ks[16];
+  for (int64_t t0 = start; t0 < len; t0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, len - t0);
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int64_t sl = k.slot(t0 + j);
+      const int8_t* row = k.p + (sl * k.Hkv + g) * D;
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < NF; ++c) a = _mm512_fmadd_ps(qf[c], load_i8x16(row + c * 16), a);
+      acc[j] = a;
+      ks[j] = static_cast<float>(k.s[sl * k.Hkv + g]);
+    }
+    for (int64_t j = cnt; j < 16; ++j) { acc[j] = _mm512_setzero_ps(); ks[j] = 0.f; }
+    _mm512_storeu_ps(scores + (t0 - start), _mm512_mul_ps(reduce16(acc), _mm512_loadu_ps(ks)));
+  }
+}
+
+template <int NF, int HB>
+static inline __attribute__((always_inline)) void pv_row_i8(__m512 (&acc)[HB][NF], const float* const* probs, int nh,
+                                                            const I8Cache& v, int64_t g, int64_t t, int64_t j) {
+  constexpr int D = NF * 16;
+  const int64_t sl = v.slot(t);
+  const int8_t* row = v.p + (sl * v.Hkv + g) * D;
+  const float vs = static_cast<float>(v.s[sl * v.Hkv + g]);
+  __m512 vf[NF];
+  for (int c = 0; c < NF; ++c) vf[c] = load_i8x16(row + c * 16);
+  for (int h = 0; h < HB; ++h) {
+    if (h >= nh) break;
+    const __m512 p = _mm512_set1_ps(probs[h][j] * vs);
+    for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_fmadd_ps(p, vf[c], acc[h][c]);
+  }
+}
+
+template <typename T, int NF>
+static void decode_seq_i8(const float* q, const I8Cache& k, const I8Cache& v, int64_t Hq, int64_t ns, int64_t start,
+                          int64_t len, float sc, std::vector<float>& scores, T* o) {
+  constexpr int D = NF * 16, HB = 24 / NF > 0 ? 24 / NF : 1;
+  const int64_t Hkv = k.Hkv, G = Hq / Hkv, n = ns + len - start;
+  const int64_t npad = ((n + 15) & ~int64_t(15)) + (ns ? 16 : 0);  // see decode_seq_bf16
+  scores.resize(Hq * npad);
+  for (int64_t h = 0; h < Hq; ++h) {
+    __m512 qf[NF];
+    for (int c = 0; c < NF; ++c) qf[c] = _mm512_mul_ps(_mm512_loadu_ps(q + h * D + c * 16), _mm512_set1_ps(sc));
+    float* sg = scores.data() + h * npad;
+    if (ns) qk_head_i8<NF>(qf, k, h / G, 0, ns, sg);
+    qk_head_i8<NF>(qf, k, h / G, start, len, sg + ns);
+    softmax_padded(sg, n, npad);
+  }
+  for (int64_t g = 0; g < Hkv; ++g) {
+    for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += HB) {
+      const int nh = static_cast<int>(std::min<int64_t>(HB, (g + 1) * G - h0));
+      const float* probs[HB];
+      for (int i = 0; i < nh; ++i) probs[i] = scores.data() + (h0 + i) * npad;
+      __m512 acc[HB][NF];
+      for (int h = 0; h < HB; ++h)
+        for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < ns; ++t) pv_row_i8<NF, HB>(acc, probs, nh, v, g, t, t);
+      for (int64_t t = start; t < len; ++t) pv_row_i8<NF, HB>(acc, probs, nh, v, g, t, ns + t - start);
+      for (int i = 0; i < nh; ++i) {
+        float buf[D];
+        for (int c = 0; c < NF; ++c) _mm512_storeu_ps(buf + c * 16, acc[i][c]);
+        T* out = o + (h0 + i) * D;
+        for (int d = 0; d < D; ++d) out[d] = from_f<T>(buf[d]);
+      }
+    }
+  }
+}
+
+// int8-KV decode with AVX512: int8 rows widened to fp32 in registers, the per-token scale applied to the score
+// (keys) or folded into the probability (values). Needs head_dim in {32, 64, 128, 256}, block size a power of two.
+template <typename T>
+static void decode_i8_avx512(const at::Tensor& q, const I8Cache& kc, const I8Cache& vc, int64_t maxb,
+                             const int64_t* btp, const int64_t* lp, at::Tensor& out, int64_t window, int64_t sinks,
+                             double scale) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float sc = static_cast<float>(scale);
+#pragma omp parallel
+  {
+    std::vector<float> qf(Hq * D), scores;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t len = lp[b];
+      int64_t ns, start;
+      attended_range(len, window, sinks, ns, start);
+      for (int64_t i = 0; i < Hq * D; ++i) qf[i] = to_f<T>(qp[b * Hq * D + i]);
+      I8Cache k = kc, v = vc;
+      k.table = v.table = btp + b * maxb;
+      T* o = op + b * Hq * D;
+      switch (D) {
+        case 32: decode_seq_i8<T, 2>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
+        case 64: decode_seq_i8<T, 4>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
+        case 128: decode_seq_i8<T, 8>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
+        default: decode_seq_i8<T, 16>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
+      }
+    }
+  }
+}
+
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for M <= 4 rows (decode of a few sequences) in bf16, fp32 accumulation.
 // One weight row at a time, two accumulators per x row, software prefetch 1 KiB ahead: on the 2-core test machine
 // this streams the weights at ~18 GB/s where oneDNN's packed kernel reaches ~14 GB/s at one row.
@@ -454,6 +574,21 @@ at::Tensor paged_decode_int8(const at::Tensor& q, const at::Tensor& k_cache, con
   auto lens = context_lens.to(at::kLong).contiguous();
   auto out = at::empty_like(q);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), D = q.size(2);
+#ifdef TOKENMILL_AVX512_BF16
+  if ((D == 32 || D == 64 || D == 128 || D == 256) && (bs & (bs - 1)) == 0 &&
+      (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat)) {
+    const int64_t shift = __builtin_ctzll(bs);
+    const I8Cache kc{k_cache.data_ptr<int8_t>(), k_scales.data_ptr<at::Half>(), nullptr, shift, bs - 1, bs, Hkv};
+    const I8Cache vc{v_cache.data_ptr<int8_t>(), v_scales.data_ptr<at::Half>(), nullptr, shift, bs - 1, bs, Hkv};
+    const int64_t* btp = bt.data_ptr<int64_t>();
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    if (q.scalar_type() == at::kBFloat16)
+      decode_i8_avx512<at::BFloat16>(q, kc, vc, bt.size(1), btp, lp, out, window, sinks, scale);
+    else
+      decode_i8_avx512<float>(q, kc, vc, bt.size(1), btp, lp, out, window, sinks, scale);
+    return out;
+  }
+#endif
   const Int8Rows kr{k_cache.data_ptr<int8_t>(), k_scales.data_ptr<at::Half>(), Hkv, D};
   const Int8Rows vr{v_cache.data_ptr<int8_t>(), v_scales.data_ptr<at::Half>(), Hkv, D};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_int8", [&] {

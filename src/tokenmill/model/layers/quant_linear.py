@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 INT8_KERNEL_MAX_ROWS = 16
 INT4_KERNEL_MAX_ROWS = 16
+KERNEL_DEVICES = ("cpu", "cuda")
 
 
 class QuantLinear(nn.Module):
@@ -91,7 +92,13 @@ class QuantLinear(nn.Module):
     # ---- kernels ----------------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """One-time re-layout for this device's kernel (called after loading)."""
-        if self.method == "int4" and self.qweight.device.type == "cpu" and self.out_features % 16 == 0:
+        device = self.qweight.device.type
+        if device not in KERNEL_DEVICES:
+            raise ValueError(
+                f"{self.method} weights have no kernel on device {device!r} (supported: {', '.join(KERNEL_DEVICES)}); "
+                "load the model unquantised there"
+            )
+        if self.method == "int4" and device == "cpu" and self.out_features % 16 == 0:
             q = unpack_int4(self.qweight).to(torch.int32)
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             # [K/g, N, 2] (scale, zero) in the activation dtype, the kernel's layout

@@ -60,13 +60,22 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        self._build(max_positions, self.inv_freq.device)
+
+    def _build(self, max_positions: int, device: torch.device) -> None:
+        freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * self.inv_freq.to(device)
         # Plain attributes, not buffers: the tables stay float32 when the model is cast to bf16 (the fused CPU
         # kernel reads them as float32; the PyTorch path casts the looked-up rows, as HF does).
         self.cos = freqs.cos()
         self.sin = freqs.sin()
         self.max_positions = max_positions
+
+    def ensure_positions(self, num_positions: int) -> None:
+        """Grows the tables (at least doubling) to cover positions [0, num_positions): sequences with a KV window
+        run past the context length they were sized for."""
+        if num_positions > self.max_positions:
+            self._build(max(num_positions, 2 * self.max_positions), self.cos.device)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
         """The rotary inputs of a batch, shared by all layers of one forward pass."""
