@@ -117,8 +117,10 @@ class PagedAttention:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D], already in the cache (rotate_and_store). Returns [T, Hq * D]."""
-        out = torch.empty_like(q)
         nd = meta.num_decode
+        if not meta.prefills:  # decodes only: no output buffer to assemble
+            return self._decode(q, kv_cache, meta).view(q.shape[0], self.num_heads * self.head_dim)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], kv_cache, meta)
         for span in meta.prefills:

@@ -53,6 +53,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        self._int8_kernel = None  # the streaming CPU kernel, set by prepare()
         self._packed: torch.Tensor | None = None  # int4: the CPU kernel's layout
         self._scales_zeros: torch.Tensor | None = None
 
@@ -98,6 +99,8 @@ class QuantLinear(nn.Module):
                 f"{self.method} weights have no kernel on device {device!r} (supported: {', '.join(KERNEL_DEVICES)}); "
                 "load the model unquantised there"
             )
+        ops = quant_ops() if device == "cpu" and self.method == "int8" and self.in_features % 32 == 0 else None
+        self._int8_kernel = None if ops is None else ops.int8_linear
         if self.method == "int4" and device == "cpu" and self.out_features % 16 == 0:
             q = unpack_int4(self.qweight).to(torch.int32)
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -105,18 +108,18 @@ class QuantLinear(nn.Module):
             self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(self.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self._matmul(x)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y = self._matmul(x2)
+        y = self._matmul(x.reshape(-1, shape[-1]))
         return y.view(*shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if x.device.type == "cpu":
             if self.method == "int8" and m <= INT8_KERNEL_MAX_ROWS:
-                ops = quant_ops() if x.dtype == torch.bfloat16 and self.in_features % 32 == 0 else None
-                if ops is not None:
-                    return ops.int8_linear(x, self.qweight, self.scales, self.bias)
+                if self._int8_kernel is not None and x.dtype == torch.bfloat16:
+                    return self._int8_kernel(x, self.qweight, self.scales, self.bias)
                 y = torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
                 return y if self.bias is None else y + self.bias
             if self.method == "int4" and m <= INT4_KERNEL_MAX_ROWS and self._packed is not None:
