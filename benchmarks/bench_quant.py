@@ -1,8 +1,10 @@
 """Quality and speed of each weight / KV-cache mode on SmolLM2-135M (issue 5), all in one run.
 
-Modes: bf16 (the default), int8, int4-rtn (group 64, quantised at load), int4-awq and mixed (written once by
-`tokenmill quantize` with --calibration-samples ShareGPT samples), gguf (the file's own Q4_1/Q8_0 blocks), and
-bf16 weights with an int8 KV cache. For each:
+Modes: bf16 (the default), int8, int4-rtn (group 32, quantised at load), int4-awq and mixed (written once by
+`tokenmill quantize` with --calibration-samples ShareGPT samples), the two int4 modes again with group 64 (SmolLM2's
+shipped weights are Q4_1 blocks of 32, so group 32 lands on their grid and group 64 does not: the g64 pair shows
+what AWQ does when rounding really loses), gguf (the file's own Q4_1/Q8_0 blocks), and bf16 weights with an int8
+KV cache. For each:
 * weight bytes (stored format) and KV bytes per token; KV blocks admitted by the same budget;
 * perplexity on a fixed held-out slice of ShareGPT: the first 512 tokens of the first --ppl-samples
   conversations (with >= 64 tokens) from conversation 5000 on (tokenmill.quant.calibration; calibration reads
@@ -32,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "src") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from tokenmill.bench.machine import basic_machine_info, wait_quiet  # noqa: E402
+from tokenmill.bench.machine import basic_machine_info, set_wait_quiet_default, wait_quiet  # noqa: E402
 from tokenmill.bench.offline import run_offline, warm_up  # noqa: E402
 from tokenmill.bench.workloads import build_workload, load_hf_tokenizer  # noqa: E402
 
@@ -163,9 +165,12 @@ def main() -> int:
     ap.add_argument("--agree-tokens", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", default="bf16,int8,int4-rtn,int4-awq,mixed,gguf,kv-int8")
+    ap.add_argument("--modes", default="bf16,int8,int4-rtn,int4-awq,int4-rtn-g64,int4-awq-g64,mixed,gguf,kv-int8")
+    ap.add_argument("--wait-quiet", type=float, default=60.0,
+                    help="before each timed run wait up to this many seconds for other processes to go quiet")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quant_cpu"))
     args = ap.parse_args()
+    set_wait_quiet_default(args.wait_quiet)
 
     from tokenmill.model.loader import resolve_model_path
     from tokenmill.quant.calibration import heldout_samples
@@ -186,12 +191,17 @@ def main() -> int:
             modes.append((name, {}))
         elif name == "int8":
             modes.append((name, {"quantization": "int8"}))
-        elif name == "int4-rtn":
-            modes.append((name, {"quantization": "int4"}))
-        elif name in ("int4-awq", "mixed"):
+        elif name in ("int4-rtn", "int4-rtn-g64"):
+            group = 64 if name.endswith("g64") else 32
+            policy = os.path.join(tmp, f"{name}.json")
+            with open(policy, "w") as f:
+                json.dump({"name": name, "default": "int4", "group_size": group}, f)
+            modes.append((name, {"quantization": policy}))
+        elif name in ("int4-awq", "int4-awq-g64", "mixed"):
             out = os.path.join(tmp, name)
             t0 = time.perf_counter()
-            quantize_checkpoint(None, name, out, calibration_samples_n=args.calibration_samples)
+            quantize_checkpoint(None, name.removesuffix("-g64"), out, 64 if name.endswith("g64") else None,
+                                calibration_samples_n=args.calibration_samples)
             quantize_s[name] = time.perf_counter() - t0
             modes.append((name, {"model": out}))
         elif name == "gguf":

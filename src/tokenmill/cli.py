@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from .config import DTYPES, KV_CACHE_DTYPES
+from .config import DTYPES, KV_CACHE_DTYPES, MAX_SPECULATIVE_TOKENS, SPEC_METHODS
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None,
                    help="quantise weights at load time: int8 | int4 | mixed | a policy .json | gguf (keep a GGUF "
                         "file's own Q4/Q8 blocks); a `tokenmill quantize` output needs nothing")
+    p.add_argument("--speculative-method", default=None, choices=list(SPEC_METHODS),
+                   help="speculative decoding (default off): ngram = prompt lookup, draft = --speculative-model, "
+                        "self = the model's first --speculative-draft-layers layers as its own draft")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help=f"most tokens proposed per step (1..{MAX_SPECULATIVE_TOKENS}; adaptive per sequence)")
+    p.add_argument("--speculative-model", default=None, help="draft model sharing the target's tokenizer")
+    p.add_argument("--speculative-draft-layers", type=int, default=None, metavar="K",
+                   help="layers of the self-speculative draft (default: a quarter of the model's)")
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=8, metavar="N",
+                   help="no speculation while more than N sequences run")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -48,6 +58,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_window=args.kv_window,
         kv_sinks=args.kv_sinks,
         quantization=args.quantization,
+        speculative_method=args.speculative_method,
+        num_speculative_tokens=args.num_speculative_tokens,
+        speculative_model=args.speculative_model,
+        speculative_draft_layers=args.speculative_draft_layers,
+        speculative_disable_by_batch_size=args.speculative_disable_by_batch_size,
     )
 
 
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--method", required=True,
                    help="int8 | int4 | int4-awq | mixed | a policy .json (see README, 'Quantisation')")
     q.add_argument("--out", required=True, help="output directory (serve it with --model DIR)")
-    q.add_argument("--group-size", type=int, default=None, help="int4 group size (default 64)")
+    q.add_argument("--group-size", type=int, default=None, help="int4 group size (default 32)")
     q.add_argument("--calibration-samples", type=int, default=32, help="ShareGPT samples for AWQ (default 32)")
     q.add_argument("--calibration-seq-len", type=int, default=512)
     q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

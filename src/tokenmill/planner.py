@@ -105,7 +105,7 @@ def _check_quantization(quantization: str | None, group_size: int) -> str:
 
 
 def linear_weight_bytes(out_features: int, in_features: int, dtype: str = "bf16", quantization: str = "none",
-                        group_size: int = 64) -> int:
+                        group_size: int = 32) -> int:
     """Bytes of the weight of one N x K linear layer (N = out_features, K = in_features), without its bias.
 
     none: ``N*K*elem``; int8 (per output channel): ``N*K + N*4`` (one float32 scale per row); int4 (group-wise along K,
@@ -122,7 +122,7 @@ def linear_weight_bytes(out_features: int, in_features: int, dtype: str = "bf16"
 
 
 def weight_bytes_by_part(cfg: ModelConfig, dtype: str = "bf16", quantization: str = "none",
-                         group_size: int = 64) -> dict[str, int]:
+                         group_size: int = 32) -> dict[str, int]:
     """Weight bytes by part: embed_tokens, attention (QKV + o projections and the QKV bias), mlp (gate/up/down),
     norms, lm_head (0 when tied to the embeddings: the one shared tensor is counted under embed_tokens).
     Norm weights and biases stay in the float dtype whatever the quantisation."""
@@ -146,7 +146,7 @@ def weight_bytes_by_part(cfg: ModelConfig, dtype: str = "bf16", quantization: st
     }
 
 
-def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quantization: str = "none", group_size: int = 64) -> int:
+def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", quantization: str = "none", group_size: int = 32) -> int:
     """Total weight bytes (sum of :func:`weight_bytes_by_part`)."""
     return sum(weight_bytes_by_part(cfg, dtype, quantization, group_size).values())
 
@@ -513,7 +513,7 @@ def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
 
 
 def plan(cfg: ModelConfig, device: DeviceSpec, *, context: int, concurrency: int, dtype: str = "bf16",
-         quantization: str = "none", group_size: int = 64, kv_cache_dtype: str = "auto",
+         quantization: str = "none", group_size: int = 32, kv_cache_dtype: str = "auto",
          memory_fraction: float = 0.9, block_size: int = 16, max_num_batched_tokens: int = 512,
          model_name: str = "") -> Plan:
     """Memory and decode-speed estimates of ``cfg`` on ``device`` for ``concurrency`` sequences of ``context``
@@ -734,7 +734,7 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     src.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESET_HF_CONFIGS)}")
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPE_ALIASES), help="float dtype (default bf16)")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="weight-only quantisation")
-    p.add_argument("--group-size", type=_positive_int, default=64, help="int4 group size (default 64)")
+    p.add_argument("--group-size", type=_positive_int, default=32, help="int4 group size (default 32)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto: the float dtype; int8: int8 values + an fp16 scale per token and head")
     p.add_argument("--context", type=_positive_int, required=True, help="tokens per sequence (prompt + output)")

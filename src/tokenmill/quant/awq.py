@@ -5,7 +5,9 @@ up by s = mean|x|^alpha (and the layer's input divided by s, folded into the ope
 weight for qkv_proj and gate_up_proj, the up rows of gate_up_proj for down_proj, the v rows of qkv_proj for
 o_proj, with s shared by the query heads of one KV head). alpha is searched per layer on a grid to minimise the
 layer's output error ||X W^T - (X/s) Q(W s)^T||^2 on calibration activations; alpha = 0 is plain
-round-to-nearest, so the search never does worse than it on the calibration rows.
+round-to-nearest, so the search never does worse than it on the calibration rows. Each int4 group's range is
+then clipped (weights.quantize_int4) to minimise the error weighted by the layer's mean squared input; a head tied
+to the embeddings gets the clipping only.
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ def apply_awq(model: nn.Module, run_forward, samples: list[torch.Tensor], policy
             name = f"layers.{i}.{sub}"
             if policy.format_for(name, cfg.num_layers) == "int4":
                 targets[name] = model.get_submodule(name)
-    if not cfg.tie_word_embeddings and policy.format_for("lm_head", cfg.num_layers) == "int4":
-        targets["lm_head"] = model.lm_head
+    if policy.format_for("lm_head", cfg.num_layers) == "int4":
+        targets["lm_head"] = model.lm_head  # tied to the embeddings: clipping only (no scale to fold)
     if not targets:
         return AWQResult({}, {})
     recorder = ActivationRecorder(targets)
@@ -130,6 +132,10 @@ def apply_awq(model: nn.Module, run_forward, samples: list[torch.Tensor], policy
         if name.endswith("o_proj"):
             x_mean = _gqa_shared(x_mean, cfg.num_heads, cfg.num_kv_heads, d)
         x = torch.cat(st.rows)
+        if name == "lm_head" and cfg.tie_word_embeddings:
+            # the head's columns are the embedding table's: scaling them would change every lookup
+            importance["embed_tokens"] = x.pow(2).mean(dim=0)
+            continue
         s, err, rtn = search_scale(module.weight.data, x, x_mean, policy.group_size, grid)
         report[name] = {"awq_error": err, "rtn_error": rtn}
         importance[name] = (x / s).pow(2).mean(dim=0)

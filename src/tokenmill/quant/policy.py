@@ -24,7 +24,7 @@ WEIGHT_FORMATS = ("bf16", "int8", "int4")
 @dataclass
 class QuantPolicy:
     default: str = "bf16"
-    group_size: int = 64
+    group_size: int = 32
     rules: list[tuple[str, str]] = field(default_factory=list)
     awq: bool = False  # activation-aware scales for the int4 layers (needs calibration: `tokenmill quantize`)
     name: str = "custom"

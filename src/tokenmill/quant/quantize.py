@@ -64,7 +64,7 @@ def quantize_checkpoint(model: str | None, method: str, out_dir: str, group_size
 
         samples = calibration_samples(tokenizer.encode, calibration_samples_n, calibration_seq_len)
         runner = ModelRunner(m, cfg, torch.device("cpu"), torch.float32)
-        awq = apply_awq(m, lambda ids: runner.prompt_logits(ids, last_only=True), samples, policy)
+        awq = apply_awq(m, lambda ids: runner.prompt_logits(ids), samples, policy)  # all rows reach the head
         report, importance = awq.report, awq.importance
         calib = {"samples": len(samples), "seq_len": calibration_seq_len, "source": "ShareGPT V3 conversations 1000-3000"}
     layout = quantize_model(m, policy, importance)

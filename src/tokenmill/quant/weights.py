@@ -121,7 +121,7 @@ def _int4_with_range(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group
     return QuantizedWeight("int4", pack_int4(q), scales, zeros, group_size)
 
 
-def quantize(w: torch.Tensor, method: str, group_size: int = 64, name: str = "weight",
+def quantize(w: torch.Tensor, method: str, group_size: int = 32, name: str = "weight",
              importance: torch.Tensor | None = None) -> QuantizedWeight:
     if method == "int8":
         return quantize_int8(w)
