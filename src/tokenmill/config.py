@@ -200,6 +200,44 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
 
+SPEC_METHODS = ("ngram", "draft", "self")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: `method` None is off. k = num_speculative_tokens is the most tokens proposed per step
+    (adaptive k lowers it per sequence); no sequence speculates while more than `disable_by_batch_size` run."""
+
+    method: str | None = None
+    num_speculative_tokens: int = 4
+    model: str | None = None  # the draft model ("draft")
+    draft_layers: int | None = None  # K of the self-speculative draft (default: a quarter of the layers)
+    disable_by_batch_size: int = 8
+    ngram_max: int = 3
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.method is None:
+            self.method = "draft"
+        if self.method is not None and self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPEC_METHODS)}; got {self.method!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative_method 'draft' needs speculative_model (a model sharing the tokenizer)")
+        if self.model is not None and self.method != "draft":
+            raise ValueError(f"speculative_model is used only by speculative_method 'draft', not {self.method!r}")
+        if self.draft_layers is not None and self.draft_layers < 1:
+            raise ValueError(f"speculative_draft_layers must be >= 1, got {self.draft_layers}")
+        if self.disable_by_batch_size < 1:
+            raise ValueError(f"speculative_disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= speculative_ngram_min <= speculative_ngram_max, got {self.ngram_min}, "
+                             f"{self.ngram_max}")
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs to start. `model` is a HF directory or a .gguf file; None means
@@ -229,6 +267,13 @@ class EngineConfig:
     # (a GGUF file's own Q4_0/Q4_1/Q8_0 tensors loaded as int4/int8 without dequantising); None = model dtype.
     # A directory written by `tokenmill quantize` is quantised already and needs nothing here.
     quantization: str | None = None
+    # speculative decoding (off by default): "ngram" (prompt lookup), "draft" (speculative_model), "self" (the
+    # target's first speculative_draft_layers layers); see SpeculativeConfig
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    speculative_model: str | None = None
+    speculative_draft_layers: int | None = None
+    speculative_disable_by_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -253,6 +298,13 @@ class EngineConfig:
             enable_prefix_caching=self.enable_prefix_caching,
         )
         self.scheduler = SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs)
+        self.speculative = SpeculativeConfig(
+            method=self.speculative_method,
+            num_speculative_tokens=self.num_speculative_tokens,
+            model=self.speculative_model,
+            draft_layers=self.speculative_draft_layers,
+            disable_by_batch_size=self.speculative_disable_by_batch_size,
+        )
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -29,6 +29,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     timeout: float | None = None  # seconds from arrival; the request is aborted past it
+    speculative: bool = True  # False: never speculate for this request (when the engine has speculation on)
 
     stop_strings: list[str] = field(init=False, repr=False)
 

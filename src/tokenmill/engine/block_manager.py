@@ -163,6 +163,7 @@ class BlockManager:
         child.block_keys = list(parent.block_keys)
         child.num_computed_tokens = parent.num_computed_tokens
         child.dropped_until = parent.dropped_until
+        child.draft_computed = parent.draft_computed
         for block in child.block_table:
             if block != FREED_BLOCK:
                 self.ref_counts[block] += 1
@@ -176,6 +177,15 @@ class BlockManager:
         seq.block_keys = []
         seq.num_computed_tokens = 0
         seq.dropped_until = 0
+        seq.draft_computed = 0
+
+    def trim_to_computed(self, seq: Sequence) -> None:
+        """Releases the blocks past the sequence's computed tokens (slots of rejected speculative tokens)."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            if block != FREED_BLOCK:
+                self._release(block)
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

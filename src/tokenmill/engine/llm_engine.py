@@ -21,6 +21,7 @@ from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler, SamplingRow, compute_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .spec_decode import DraftModelProposer, NgramProposer, SpecDecoder, check_draft_compatible, self_draft_layers
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class LLMEngine:
         sinks = config.kv_sinks if config.kv_window is not None else 0
         configure_windows(model, windows, sinks)
         self.runner = ModelRunner(model, cfg, self.device, config.resolve_kv_dtype(self.dtype))
+        self.draft_runner: ModelRunner | None = None  # speculative decoding with a separate draft model
         cache = config.cache
         num_blocks = self.runner.profile_num_blocks(cache, config.max_num_seqs * self.max_model_len)
         capacity = num_blocks * cache.block_size
@@ -83,6 +85,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(config.seed)
+        self.spec = self._make_spec_decoder(num_blocks, drop_window) if config.speculative.method else None
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -173,6 +176,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         self._check_timeouts()
         outputs, self._finished_outside_step = self._finished_outside_step, []
+        if self.spec is not None:
+            self.spec.plan(self.scheduler.running)
         sched = self.scheduler.schedule()
         self.last_step_num_tokens = sched.num_tokens
         if not sched.scheduled:
@@ -185,8 +190,16 @@ class LLMEngine:
                 g.first_scheduled_time = now
             touched[g.request_id] = g
 
-        logits, layout = self.runner.execute(sched.scheduled, sched.block_copies)
+        copies = sched.block_copies
+        if self.spec is not None:
+            # A draft model writes the scheduled slots before the target: copy shared blocks first.
+            self._copy_blocks(copies)
+            copies = []
+            self.spec.propose(sched.scheduled, self._sampling_row)
+        logits, layout = self.runner.execute(sched.scheduled, copies)
         for seq, n in sched.scheduled:
+            if seq.num_lookahead:
+                continue  # how many of its tokens stay computed is known after verification
             seq.num_computed_tokens += n
             self.block_manager.commit_computed(seq)
 
@@ -214,6 +227,8 @@ class LLMEngine:
                 row_index.append(row)
         if row_seqs:
             self._sample_and_append(logits, row_seqs, row_index)
+        if layout.spec_rows:
+            self._verify_and_append(logits, layout.spec_rows, sched.scheduled)
 
         for group in touched.values():
             out = self._make_output(group)
@@ -229,19 +244,7 @@ class LLMEngine:
             batch = logits  # the common case: one sampled row per logits row, in order
         else:
             batch = logits[torch.tensor(rows, device=logits.device)]
-        sampling_rows = []
-        for seq in seqs:
-            p = seq.group.params
-            blocked = ()
-            if seq.num_output_tokens < p.min_tokens:
-                blocked = tuple(self.eos_token_ids) + tuple(p.stop_token_ids or ())
-            # Only penalties read the token history: don't copy it every step for rows that have none.
-            if p.needs_penalties:
-                prompt_ids, output_ids = seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids
-            else:
-                prompt_ids = output_ids = ()
-            sampling_rows.append(SamplingRow(p, seq.generator, prompt_ids, output_ids, blocked))
-        results = self.sampler(batch, sampling_rows)
+        results = self.sampler(batch, [self._sampling_row(seq) for seq in seqs])
         now = time.monotonic()
         for seq, res in zip(seqs, results):
             group = seq.group
@@ -250,16 +253,114 @@ class LLMEngine:
             try:
                 self._append_token(seq, res.token_id)
                 if seq.logprobs is not None:
-                    entry = dict(res.top_logprobs or [])
-                    entry[res.token_id] = res.logprob
-                    seq.logprobs.append(entry)
-                    seq.cumulative_logprob += res.logprob
+                    self._append_logprob(seq, res.token_id, res.logprob, res.top_logprobs)
             except Exception as e:  # one request's failure must not take the batch down
-                logger.exception("request %s failed while processing its output", group.request_id)
-                group.error = f"{type(e).__name__}: {e}"
-                for s in group.seqs:
-                    if not s.is_finished:
-                        self._finish(s, "error")
+                self._fail_group(group, e)
+
+    def _sampling_row(self, seq: Sequence, offset: int = 0) -> SamplingRow:
+        """How to sample the sequence's output token number num_output_tokens + offset (offset > 0: a speculative
+        position; such sequences have no penalties, which would read tokens not yet known)."""
+        p = seq.group.params
+        blocked = ()
+        if seq.num_output_tokens + offset < p.min_tokens:
+            blocked = tuple(self.eos_token_ids) + tuple(p.stop_token_ids or ())
+        # Only penalties read the token history: don't copy it every step for rows that have none.
+        if p.needs_penalties:
+            prompt_ids, output_ids = seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids
+        else:
+            prompt_ids = output_ids = ()
+        return SamplingRow(p, seq.generator, prompt_ids, output_ids, blocked)
+
+    def _append_logprob(self, seq: Sequence, token: int, logprob: float, top: list | None) -> None:
+        entry = dict(top or [])
+        entry[token] = logprob
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += logprob
+
+    def _fail_group(self, group: SequenceGroup, e: Exception) -> None:
+        logger.exception("request %s failed while processing its output", group.request_id)
+        group.error = f"{type(e).__name__}: {e}"
+        for s in group.seqs:
+            if not s.is_finished:
+                self._finish(s, "error")
+
+    # ---- speculative decoding -------------------------------------------------------------------------------
+    def _make_spec_decoder(self, num_blocks: int, drop_window: int | None) -> SpecDecoder:
+        spec_cfg = self.config.speculative
+        bs = self.config.cache.block_size
+        if spec_cfg.method == "ngram":
+            proposer = NgramProposer(spec_cfg.ngram_max, spec_cfg.ngram_min)
+        elif spec_cfg.method == "self":
+            k = self_draft_layers(spec_cfg, self.model_config)
+            runner = self.runner
+            # The target called with its first K caches runs its first K layers, then its norm and head.
+            proposer = DraftModelProposer(self.model, lambda: runner.kv_caches[:k], True, bs, self.device, self.sampler)
+            logger.info("speculative decoding: self-draft of %d/%d layers", k, self.model_config.num_layers)
+        else:
+            if drop_window is not None:
+                raise ValueError("a separate draft model cannot be used with attention windows that free KV blocks "
+                                 "(kv_window or a sliding-window model); use speculative_method 'ngram' or 'self'")
+            self.draft_runner = self._load_draft(spec_cfg.model, num_blocks, bs)
+            proposer = DraftModelProposer(
+                self.draft_runner.model, lambda: self.draft_runner.kv_caches, False, bs, self.device, self.sampler
+            )
+        logger.info("speculative decoding: %s, k = %d", spec_cfg.method, spec_cfg.num_speculative_tokens)
+        return SpecDecoder(spec_cfg, self.sampler, proposer, self.max_model_len)
+
+    def _load_draft(self, model: str, num_blocks: int, block_size: int) -> ModelRunner:
+        path = resolve_model_path(model)
+        cfg = load_model_config(path)
+        check_draft_compatible(path, cfg, self.model_config, self.tokenizer)
+        with torch.device(self.device):
+            draft = model_class(cfg)(cfg, max_positions=self.max_model_len)
+        draft = draft.to(self.dtype)
+        load_weights_into(draft, path, self.config.quantization)
+        draft.prepare_for_inference()
+        configure_windows(draft, [None] * cfg.num_layers, 0)  # the draft only proposes: full attention is fine
+        runner = ModelRunner(draft.eval(), cfg, self.device, self.config.resolve_kv_dtype(self.dtype))
+        # Same block ids as the target's cache, so the target's block tables index it too.
+        runner.allocate_kv_cache(num_blocks, block_size)
+        logger.info("speculative decoding: draft model %s (%d layers)", path, cfg.num_layers)
+        return runner
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        self.runner.copy_blocks(copies)
+        if self.draft_runner is not None:
+            self.draft_runner.copy_blocks(copies)
+
+    def _verify_and_append(self, logits: torch.Tensor, spec_rows: dict[int, int], scheduled) -> None:
+        items = [(seq, spec_rows[seq.seq_id]) for seq, _ in scheduled if seq.seq_id in spec_rows]
+        verdicts = self.spec.verify(logits, items, self._sampling_row)
+        now = time.monotonic()
+        for (seq, first), verdict in zip(items, verdicts):
+            group = seq.group
+            if group.first_token_time is None:
+                group.first_token_time = now
+            computed = seq.num_computed_tokens + 1 + verdict.num_accepted  # its last token and the accepted ones
+            seq.num_lookahead = 0
+            seq.spec_tokens = []
+            seq.spec_probs = None
+            if seq.is_finished:  # a sibling's failure ended the whole request this step
+                continue
+            try:
+                lps = None
+                if seq.logprobs is not None:
+                    rows = logits[first : first + len(verdict.tokens)]
+                    lps = compute_logprobs(rows, torch.tensor(verdict.tokens), group.params.logprobs)
+                for i, token in enumerate(verdict.tokens):
+                    self._append_token(seq, token)
+                    if lps is not None:
+                        self._append_logprob(seq, token, lps[0][i], lps[1][i])
+                    if seq.is_finished:
+                        break
+            except Exception as e:
+                self._fail_group(group, e)
+            if seq.is_finished:
+                continue  # its blocks are free already
+            seq.num_computed_tokens = computed
+            seq.draft_computed = min(seq.draft_computed, computed)
+            self.block_manager.trim_to_computed(seq)
+            self.block_manager.commit_computed(seq)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         p = seq.group.params
@@ -347,7 +448,10 @@ class LLMEngine:
             prompt_token_ids=group.prompt_token_ids,
             outputs=outs,
             finished=finished,
-            metrics=RequestMetrics(group.arrival_time, group.first_scheduled_time, group.first_token_time, group.finished_time),
+            metrics=RequestMetrics(
+                group.arrival_time, group.first_scheduled_time, group.first_token_time, group.finished_time,
+                group.spec_draft_tokens, group.spec_accepted_tokens,
+            ),
             prompt_logprobs=group.prompt_logprobs,
             error=group.error,
         )
@@ -367,4 +471,5 @@ class LLMEngine:
             "prefix_cache_hits": bm.prefix_hits,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generated_tokens,
+            **(self.spec.stats() if self.spec is not None else {}),
         }

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ class BatchLayout:
 
     sample_rows: dict[int, int]  # seq_id -> logits row of its next-token distribution
     prompt_rows: dict[int, tuple[int, int, int]]  # seq_id -> (first logits row, count, first position)
+    # seq_id -> first of the 1 + k logits rows of a sequence verifying k speculative tokens
+    spec_rows: dict[int, int] = field(default_factory=dict)
 
 
 CPU_DEFAULT_KV_BYTES = 4 * 2**30
@@ -160,6 +162,7 @@ class ModelRunner:
         logits_idx: list[int] = []
         sample_rows: dict[int, int] = {}
         prompt_rows: dict[int, tuple[int, int, int]] = {}
+        spec_rows: dict[int, int] = {}
         dec_tables: list[list[int]] = []
         dec_lens: list[int] = []
         prefills: list[PrefillSpan] = []
@@ -176,7 +179,11 @@ class ModelRunner:
                 dec_tables.append(table)
                 dec_lens.append(c + 1)
             else:
-                input_ids.extend(seq.token_ids[c : c + n])
+                if seq.num_lookahead:  # its last token, then the proposed ones
+                    input_ids.append(seq.token_ids[c])
+                    input_ids.extend(seq.spec_tokens[: n - 1])
+                else:
+                    input_ids.extend(seq.token_ids[c : c + n])
                 pos = np.arange(c, c + n)
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())
@@ -192,9 +199,12 @@ class ModelRunner:
             if c + n == seq.num_tokens:
                 sample_rows[seq.seq_id] = len(logits_idx)
                 logits_idx.append(start + n - 1)
+            elif seq.num_lookahead:
+                spec_rows[seq.seq_id] = len(logits_idx)
+                logits_idx.extend(range(start, start + n))
             num_positions = max(num_positions, c + n)
 
-        layout = BatchLayout(sample_rows, prompt_rows)
+        layout = BatchLayout(sample_rows, prompt_rows, spec_rows)
         if not logits_idx:
             logits_idx.append(len(input_ids) - 1)  # the model always returns at least one row
 

@@ -27,6 +27,8 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    spec_draft_tokens: int = 0  # speculative decoding: proposed tokens verified, and how many were accepted
+    spec_accepted_tokens: int = 0
 
     @property
     def queue_time(self) -> float | None:

@@ -183,27 +183,7 @@ class Sampler:
         """Temperature, top-k, top-p, min-p, then an exponential race; ``logits`` is owned (modified)."""
         n, vocab = logits.shape
         device = logits.device
-        params = [row.params for row in rows]
-
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        logits.div_(temperature.unsqueeze(1))
-
-        # Top-p needs one descending sort over the rows that use it (or top-k); top-k alone
-        # needs only a partial topk. Both keep every token tied with the k-th largest logit,
-        # so a row's result does not depend on which path its batch takes.
-        if any(p.top_p < 1.0 for p in params):
-            trunc = [i for i, p in enumerate(params) if p.effective_top_k > 0 or p.top_p < 1.0]
-            self._top_k_top_p(logits, params, trunc)
-        elif any(p.effective_top_k > 0 for p in params):
-            trunc = [i for i, p in enumerate(params) if p.effective_top_k > 0]
-            self._top_k_only(logits, params, trunc)
-
-        probs = torch.softmax(logits, dim=-1)
-
-        if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
-            threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-            probs = probs.masked_fill(probs < threshold, 0.0)  # renormalising is unnecessary for argmax
+        probs = self._processed_probs(logits, [row.params for row in rows])
 
         # Exponential race: argmax(p / E), E ~ Exp(1), picks i with probability p_i / sum(p).
         unseeded = [i for i, row in enumerate(rows) if row.generator is None]
@@ -225,6 +205,55 @@ class Sampler:
                 noise[i] = torch.empty(vocab, device=gen.device).exponential_(generator=gen).to(device)
         noise.clamp_min_(_MIN_NOISE)
         return _argmax(probs / noise)
+
+    def _processed_probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Temperature, top-k, top-p, softmax, min-p (not renormalised after min-p); ``logits`` is modified."""
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        logits.div_(temperature.unsqueeze(1))
+
+        # Top-p needs one descending sort over the rows that use it (or top-k); top-k alone
+        # needs only a partial topk. Both keep every token tied with the k-th largest logit,
+        # so a row's result does not depend on which path its batch takes.
+        if any(p.top_p < 1.0 for p in params):
+            trunc = [i for i, p in enumerate(params) if p.effective_top_k > 0 or p.top_p < 1.0]
+            self._top_k_top_p(logits, params, trunc)
+        elif any(p.effective_top_k > 0 for p in params):
+            trunc = [i for i, p in enumerate(params) if p.effective_top_k > 0]
+            self._top_k_only(logits, params, trunc)
+
+        probs = torch.softmax(logits, dim=-1)
+
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+            threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+            probs = probs.masked_fill(probs < threshold, 0.0)  # renormalising is unnecessary for argmax
+        return probs
+
+    def target_probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The normalised distribution [B, V] each (non-greedy) row samples from: blocked tokens, penalties,
+        temperature, top-k, top-p, min-p exactly as in sampling (for speculative decoding's rejection sampler)."""
+        return self.normalised_probs(self.processed_logits(logits, rows), [row.params for row in rows])
+
+    def normalised_probs(self, work: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """``work`` from processed_logits (owned, modified) -> the normalised sampling distribution per row."""
+        probs = self._processed_probs(work, params)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    def processed_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """A float32 copy of ``logits`` with blocked tokens at -inf and penalties applied (what greedy rows argmax)."""
+        work = logits.to(dtype=torch.float32, copy=True)
+        if any(len(row.blocked_token_ids) > 0 for row in rows):
+            r, c = _flat_indices([row.blocked_token_ids for row in rows], work.shape[1], work.device)
+            work[r, c] = float("-inf")
+        pen_rows = [i for i, row in enumerate(rows) if row.params.needs_penalties]
+        if pen_rows:
+            self._penalize(work, rows, pen_rows)
+        return work
+
+    def default_generator(self, device: torch.device) -> torch.Generator:
+        """The generator unseeded rows draw from."""
+        return self._default_generator(device)
 
     @staticmethod
     def _top_k_only(logits: torch.Tensor, params: list[SamplingParams], trunc: list[int]) -> None:

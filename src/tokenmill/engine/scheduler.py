@@ -64,7 +64,18 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def _speculative_slots(self, seq: Sequence, num_new: int, budget: int, spare: int) -> int:
+        """1 + k tokens for a decoding sequence that verifies k proposed tokens (k cut to the budget); just its
+        own token when fewer than the blocks it needs plus `spare` are free."""
+        k = min(seq.num_lookahead, budget - 1) if num_new == 1 else 0
+        if k > 0 and self.bm.append_slots(seq, 1 + k, reserve=self.watermark_blocks + spare):
+            seq.num_lookahead = k
+            return 1 + k
+        seq.num_lookahead = 0
+        return num_new
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        seq.num_lookahead = 0
         self.bm.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -82,6 +93,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.num_lookahead:
+                # Keep a block for each running sequence after it: speculation must not push anyone out.
+                num_new = self._speculative_slots(seq, num_new, budget, len(self.running) - i - 1)
             scheduled = True
             while not self.bm.append_slots(seq, num_new):
                 victim = self.running.pop()  # the newest running sequence gives way

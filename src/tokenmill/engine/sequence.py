@@ -38,6 +38,14 @@ class Sequence:
     detokenizer: "IncrementalDetokenizer | None" = None
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
+    # speculative decoding: tokens proposed this step (num_lookahead of them are verified), the draft's
+    # distribution over them (None: point mass), tokens in the draft model's KV cache, recent acceptance rate
+    num_lookahead: int = 0
+    spec_tokens: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
+    draft_computed: int = 0
+    spec_acceptance: float = 1.0
+    spec_pause: int = 0  # steps left without speculation after a run of rejections
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +81,8 @@ class SequenceGroup:
     finished_time: float | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
+    spec_draft_tokens: int = 0  # proposed tokens verified by the target
+    spec_accepted_tokens: int = 0
 
     @property
     def is_finished(self) -> bool:

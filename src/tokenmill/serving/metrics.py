@@ -56,6 +56,17 @@ class _EngineCollector(Collector):
         yield counter("num_preemptions", "Sequences preempted (recomputed later).", s.get("num_preemptions", 0))
         yield counter("prompt_tokens", "Prompt tokens accepted.", s.get("prompt_tokens", 0))
         yield counter("generation_tokens", "Tokens generated.", s.get("generation_tokens", 0))
+        if "spec_decode_num_drafts" in s:  # speculative decoding on
+            yield counter("spec_decode_num_drafts", "Speculative verifications (one per sequence per step).",
+                          s["spec_decode_num_drafts"])
+            yield counter("spec_decode_num_draft_tokens", "Proposed tokens verified by the target model.",
+                          s["spec_decode_num_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                          s["spec_decode_num_accepted_tokens"])
+            yield gauge("spec_decode_acceptance_rate", "Accepted / proposed tokens since start.",
+                        s["spec_decode_acceptance_rate"])
+            yield gauge("spec_decode_mean_accepted_length", "Tokens produced per verification (accepted + 1).",
+                        s["spec_decode_mean_accepted_length"])
         rss = _process_rss_bytes()
         if rss is not None:
             yield gauge("process_memory_bytes", "Resident memory of the server process.", rss)

@@ -190,6 +190,7 @@ class OpenAIServing:
             stop_token_ids=req.stop_token_ids,
             seed=req.seed,
             ignore_eos=req.ignore_eos,
+            speculative=req.speculative,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logprobs=logprobs,

@@ -42,6 +42,7 @@ class _SamplingFields(_Request):
     frequency_penalty: Float | None = None
     repetition_penalty: Float | None = None
     ignore_eos: StrictBool = False
+    speculative: StrictBool = Field(default=True, description="false: never speculate for this request")
     min_tokens: Int = 0
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
