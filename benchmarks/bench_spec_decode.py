@@ -7,12 +7,13 @@ Workloads (greedy, EOS ignored, one request at a time = decode-1 conditions):
   (prompt lookup) speculation.
 - plain: the decode-1 ShareGPT prompts (first human turns cut to 16 tokens, raw completion), off vs the
   self-speculative draft (the first --draft-layers layers).
-- load (optional, --load-prompts > 0): the first ShareGPT prompts, all submitted at once with max_num_seqs 16,
-  n-gram speculation on vs off: adaptive k / the batch-size cut-off must keep throughput.
+- load (--load-repeats > 0): sharegpt-128 (WORKLOADS.md) offline with max_num_seqs 16, n-gram speculation on vs
+  off, timed alternately: adaptive k / the batch-size cut-off must keep throughput (median of the repeats).
 Decode tokens/s per request = (tokens - 1) / (time of last token - time of first); the median over requests is
-reported. Writes benchmarks/results/spec_decode_cpu.{json,png}.
+reported, with each prompt run by the speculating and the plain engine back to back. Writes
+benchmarks/results/spec_decode_cpu.{json,png}.
 
-    python benchmarks/bench_spec_decode.py [--num-prompts 4] [--max-tokens 128] [--load-prompts 32]
+    python benchmarks/bench_spec_decode.py [--num-prompts 16] [--max-tokens 128] [--load-repeats 3]
 """
 from __future__ import annotations
 
@@ -64,57 +65,76 @@ def plain_prompts(tok, num: int, length: int = 16) -> list[list[int]]:
     return prompts
 
 
-def one_at_a_time(llm, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def decode_one(engine, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+    """One request alone: decode tokens/s ((tokens - 1) / (last token time - first token time)) and its tokens."""
     from tokenmill import SamplingParams
 
-    engine = llm.engine
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
-    rates, outputs = [], []
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", None, params, prompt_token_ids=prompt)
-        stamps: list[float] = []
-        out = None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                n = len(out.outputs[0].token_ids)
-                stamps.extend([time.perf_counter()] * (n - len(stamps)))
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        outputs.append(out.outputs[0].token_ids)
-    stats = engine.stats()
-    return {"decode_tok_s": statistics.median(rates), "per_request_tok_s": rates, "outputs": outputs,
-            **{k: v for k, v in stats.items() if k.startswith("spec_decode")}}
+    engine.add_request("r", None, SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0),
+                       prompt_token_ids=prompt)
+    stamps: list[float] = []
+    out = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n = len(out.outputs[0].token_ids)
+            stamps.extend([time.perf_counter()] * (n - len(stamps)))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), list(out.outputs[0].token_ids)
 
 
-def run_config(prompts, max_tokens: int, dtype: str, **spec) -> dict[str, Any]:
+def compare(prompts, max_tokens: int, dtype: str, name: str, **spec) -> dict[str, Any]:
+    """Speculation off vs `spec`, each prompt run by both engines back to back (so machine noise hits both alike);
+    medians of the per-request rates and of the per-prompt speed-ups."""
     from tokenmill import LLM
 
-    llm = LLM(dtype=dtype, kv_cache_bytes=256 * 2**20, enable_prefix_caching=False, **spec)
-    one_at_a_time(llm, prompts[:1], 8)  # warm-up
-    if llm.engine.spec is not None:
-        llm.engine.spec.reset_stats()
-    return one_at_a_time(llm, prompts, max_tokens)
+    llms = {"off": LLM(dtype=dtype, kv_cache_bytes=256 * 2**20, enable_prefix_caching=False),
+            name: LLM(dtype=dtype, kv_cache_bytes=256 * 2**20, enable_prefix_caching=False, **spec)}
+    for llm in llms.values():  # warm-up
+        decode_one(llm.engine, prompts[0], 8)
+    llms[name].engine.spec.reset_stats()
+    rates: dict[str, list[float]] = {k: [] for k in llms}
+    outputs: dict[str, list[list[int]]] = {k: [] for k in llms}
+    for prompt in prompts:
+        for key, llm in llms.items():
+            rate, toks = decode_one(llm.engine, prompt, max_tokens)
+            rates[key].append(rate)
+            outputs[key].append(toks)
+    res: dict[str, Any] = {key: {"decode_tok_s": statistics.median(v), "per_request_tok_s": v}
+                           for key, v in rates.items()}
+    res[name].update({k: v for k, v in llms[name].engine.stats().items() if k.startswith("spec_decode")})
+    res["speedup"] = res[name]["decode_tok_s"] / res["off"]["decode_tok_s"]
+    res["median_per_prompt_speedup"] = statistics.median(b / a for a, b in zip(rates["off"], rates[name]))
+    res["same_output"] = outputs["off"] == outputs[name]
+    return res
 
 
-def under_load(prompts, max_tokens: int, dtype: str, **spec) -> dict[str, Any]:
-    from tokenmill import LLM, SamplingParams
+def under_load(dtype: str, repeats: int, k: int) -> dict[str, Any]:
+    """sharegpt-128 offline with max_num_seqs 16 (concurrency 16), speculation off and n-gram on, the two engines
+    built once and timed alternately `repeats` times after a full warm-up pass; medians."""
+    from tokenmill import LLM
+    from tokenmill.bench.offline import run_offline
+    from tokenmill.bench.workloads import build_workload, load_hf_tokenizer
 
-    llm = LLM(dtype=dtype, kv_cache_bytes=512 * 2**20, enable_prefix_caching=False, max_num_seqs=16, **spec)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    return {"output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / dt, "seconds": dt,
-            **{k: v for k, v in llm.engine.stats().items() if k.startswith("spec_decode")}}
+    workload = build_workload("sharegpt", load_hf_tokenizer())
+    configs = {"off": {}, "ngram": dict(speculative_method="ngram", num_speculative_tokens=k)}
+    llms = {name: LLM(dtype=dtype, max_num_seqs=16, **kw) for name, kw in configs.items()}
+    for llm in llms.values():
+        run_offline(llm, workload)
+    runs: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, llm in llms.items():
+            runs[name].append(run_offline(llm, workload)["output_tok_s"])
+    res: dict[str, Any] = {name: {"output_tok_s": statistics.median(v), "runs": v} for name, v in runs.items()}
+    res["ngram"].update({k_: v for k_, v in llms["ngram"].engine.stats().items() if k_.startswith("spec_decode")})
+    res["ratio"] = res["ngram"]["output_tok_s"] / res["off"]["output_tok_s"]
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=5, help="num_speculative_tokens")
     p.add_argument("--draft-layers", type=int, default=8, help="layers of the self-speculative draft (of 30)")
-    p.add_argument("--load-prompts", type=int, default=32, help="0: skip the under-load check")
+    p.add_argument("--load-repeats", type=int, default=3, help="timed sharegpt-128 runs per config; 0: skip")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
@@ -131,29 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                       "plain": {"prompt_tokens": [len(x) for x in plain]}, "max_tokens": args.max_tokens},
     }
     t0 = time.perf_counter()
-    off = run_config(grounded, args.max_tokens, args.dtype)
-    ngram = run_config(grounded, args.max_tokens, args.dtype, speculative_method="ngram",
-                       num_speculative_tokens=args.k)
-    res["grounded"] = {"off": off, "ngram": ngram, "speedup": ngram["decode_tok_s"] / off["decode_tok_s"],
-                       "same_output": off["outputs"] == ngram["outputs"]}
-    off_p = run_config(plain, args.max_tokens, args.dtype)
-    selfd = run_config(plain, args.max_tokens, args.dtype, speculative_method="self",
-                       num_speculative_tokens=args.k, speculative_draft_layers=args.draft_layers)
-    res["plain"] = {"off": off_p, "self": selfd, "speedup": selfd["decode_tok_s"] / off_p["decode_tok_s"],
-                    "same_output": off_p["outputs"] == selfd["outputs"]}
-    if args.load_prompts:
-        from tokenmill.bench.workloads import sharegpt_prompts
-
-        load = sharegpt_prompts(lambda t: tok.encode(t, add_special_tokens=False), num=args.load_prompts)
-        lo = under_load(load, 64, args.dtype)
-        ln = under_load(load, 64, args.dtype, speculative_method="ngram", num_speculative_tokens=args.k)
-        res["load16"] = {"off": lo, "ngram": ln, "ratio": ln["output_tok_s"] / lo["output_tok_s"]}
+    res["grounded"] = compare(grounded, args.max_tokens, args.dtype, "ngram", speculative_method="ngram",
+                              num_speculative_tokens=args.k)
+    res["plain"] = compare(plain, args.max_tokens, args.dtype, "self", speculative_method="self",
+                           num_speculative_tokens=args.k, speculative_draft_layers=args.draft_layers)
+    if args.load_repeats:
+        res["load16"] = under_load(args.dtype, args.load_repeats, args.k)
     res["seconds"] = time.perf_counter() - t0
-    for part in ("grounded", "plain"):
-        for cfg in res[part].values():
-            if isinstance(cfg, dict):
-                cfg.pop("outputs", None)
-
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "spec_decode_cpu.json"), "w") as f:
         json.dump(res, f, indent=2)
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({pl['speedup']:.2f}x, acceptance {pl['self'].get('spec_decode_acceptance_rate', 0):.2f}, "
           f"same output {pl['same_output']})")
     if "load16" in res:
-        print(f"load (max_num_seqs 16): off {res['load16']['off']['output_tok_s']:.1f} tok/s, ngram "
+        print(f"sharegpt-128, max_num_seqs 16: off {res['load16']['off']['output_tok_s']:.1f} tok/s, ngram "
               f"{res['load16']['ngram']['output_tok_s']:.1f} tok/s ({res['load16']['ratio']:.2f}x)")
     return 0
 

@@ -153,7 +153,8 @@ class ModelRunner:
     def execute(
         self, scheduled: list[tuple[Sequence, int]], block_copies: list[tuple[int, int]]
     ) -> tuple[torch.Tensor | None, BatchLayout]:
-        """Runs the scheduled chunks. Decodes (one token) must come first in `scheduled`."""
+        """Runs the scheduled chunks. Decodes (one token, or a speculating sequence's 1 + k) must come first in
+        `scheduled`."""
         self.copy_blocks(block_copies)
         bs = self.block_size
         input_ids: list[int] = []
@@ -178,12 +179,19 @@ class ModelRunner:
                 slots.append(table[c // bs] * bs + c % bs)
                 dec_tables.append(table)
                 dec_lens.append(c + 1)
+            elif seq.num_lookahead:
+                # Its last token, then the proposed ones, each a decode row of its own over the same block table
+                # with one more token of context: the paged decode kernel does the causal masking, and every row
+                # is computed exactly as plain decoding computes that position.
+                input_ids.append(seq.token_ids[c])
+                input_ids.extend(seq.spec_tokens[: n - 1])
+                positions.extend(range(c, c + n))
+                for p in range(c, c + n):
+                    slots.append(table[p // bs] * bs + p % bs)
+                    dec_tables.append(table)
+                    dec_lens.append(p + 1)
             else:
-                if seq.num_lookahead:  # its last token, then the proposed ones
-                    input_ids.append(seq.token_ids[c])
-                    input_ids.extend(seq.spec_tokens[: n - 1])
-                else:
-                    input_ids.extend(seq.token_ids[c : c + n])
+                input_ids.extend(seq.token_ids[c : c + n])
                 pos = np.arange(c, c + n)
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table)[pos // bs] * bs + pos % bs).tolist())

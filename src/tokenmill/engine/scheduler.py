@@ -105,7 +105,8 @@ class Scheduler:
                     break
             if not scheduled:
                 break
-            (decodes if num_new == 1 else prefills).append((seq, num_new))
+            # A sequence verifying proposed tokens runs them as decode rows (see ModelRunner.execute).
+            (decodes if num_new == 1 or seq.num_lookahead else prefills).append((seq, num_new))
             budget -= num_new
             i += 1
 

@@ -46,6 +46,7 @@ class Sequence:
     draft_computed: int = 0
     spec_acceptance: float = 1.0
     spec_pause: int = 0  # steps left without speculation after a run of rejections
+    spec_backoff: int = 0  # length of the last pause (doubles while the probes after pauses keep failing)
 
     @property
     def num_tokens(self) -> int:

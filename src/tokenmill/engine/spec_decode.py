@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 # Adaptive k: acceptance-rate EMA weight of the newest verification, and the draft-model back-off.
 EMA_WEIGHT = 0.3
 PAUSE_BELOW = 0.1  # a draft model stops proposing for a sequence whose acceptance EMA falls below this ...
-PAUSE_STEPS = 8  # ... for this many steps, then probes again with k = 1
+PAUSE_STEPS = 8  # ... for this many steps, then probes again with k = 1; each failed probe doubles the pause ...
+MAX_PAUSE_STEPS = 256  # ... up to this
 
 RowFn = Callable[[Sequence, int], SamplingRow]  # (sequence, offset from its next output token) -> sampling row
 
@@ -332,9 +333,14 @@ class SpecDecoder:
         seq.group.spec_draft_tokens += k
         seq.group.spec_accepted_tokens += accepted
         seq.spec_acceptance = (1 - EMA_WEIGHT) * seq.spec_acceptance + EMA_WEIGHT * accepted / k
-        if not self.proposer.before_schedule and seq.spec_acceptance < PAUSE_BELOW:
-            seq.spec_pause = PAUSE_STEPS
+        if self.proposer.before_schedule:
+            return
+        if seq.spec_acceptance < PAUSE_BELOW:
+            seq.spec_backoff = min(MAX_PAUSE_STEPS, 2 * seq.spec_backoff) if seq.spec_backoff else PAUSE_STEPS
+            seq.spec_pause = seq.spec_backoff
             seq.spec_acceptance = PAUSE_BELOW  # the probe after the pause proposes one token
+        elif accepted:
+            seq.spec_backoff = 0
 
     def stats(self) -> dict[str, float]:
         drafts, tokens, acc = self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens

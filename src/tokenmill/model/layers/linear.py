@@ -3,10 +3,11 @@
 On CPUs with native bf16 (AVX512-BF16/AMX) a bf16 weight is re-laid out once, after loading, into oneDNN's blocked
 format and multiplied with oneDNN's linear kernel: measured on a 2-core Sapphire Rapids for SmolLM2's shapes that
 is 1.8-2.2x faster than `F.linear` at 1-128 rows (the whole per-step matmul time at batch 16 drops from ~16 to
-~8.5 ms) and bit-identical to it. For 1-4 rows (decoding a few sequences, where the weights are streamed from
-memory once per step) the dense weight is kept and multiplied by a streaming AVX512-BF16 kernel
-(cpu_kernels.small_m_linear), which reaches ~18 GB/s where oneDNN reaches ~14 GB/s; without that kernel the dense
-copy is released.
+~8.5 ms) and bit-identical to it. For 1-8 rows (decoding a few sequences, or one sequence verifying speculated
+tokens, where the weights are streamed from memory once per step) the dense weight is kept and multiplied by a
+streaming AVX512-BF16 kernel (cpu_kernels.small_m_linear), which reaches ~18 GB/s where oneDNN reaches ~14 GB/s at
+one row and computes each row the same whatever the row count (so speculative verification reproduces plain
+decoding bit for bit); without that kernel the dense copy is released.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from torch import nn
 from .cpu_kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
+
+SMALL_M_ROWS = 8  # the most rows small_m_linear takes
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,11 +44,11 @@ class Linear(nn.Linear):
     """nn.Linear with an optional CPU-packed weight (see the module docstring)."""
 
     packed: torch.Tensor | None = None
-    small_m: object = None  # the streaming kernel for 1-4 rows (needs the dense weight)
+    small_m: object = None  # the streaming kernel for 1-SMALL_M_ROWS rows (needs the dense weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            if self.small_m is not None and x.dim() == 2 and x.shape[0] <= 4:
+            if self.small_m is not None and x.dim() == 2 and x.shape[0] <= SMALL_M_ROWS:
                 return self.small_m(x, self.weight, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return dense(x, self.weight, self.bias)
