@@ -25,7 +25,8 @@ _PROMPTS: list[list[int]] = []
 
 def _prompts() -> list[list[int]]:
     """Each prompt: a span, the model's greedy continuation of it, and the span again, so that the n-gram proposer
-    proposes what the model is likely to say (accepted often, not always). Built by the `reference` fixture."""
+    always finds matches (the full-attention random model rarely repeats itself, so they are mostly rejected; the
+    sliding-window test and the draft-model cases cover accepted proposals). Built by the `reference` fixture."""
     assert _PROMPTS, "needs the reference fixture"
     return [list(p) for p in _PROMPTS]
 
@@ -113,7 +114,7 @@ def test_greedy_sliding_window_model(method, tiny_model_factory):
     llm = LLM(path, dtype="float32", block_size=4, num_blocks=256, **SPEC,
               **_method_kwargs(method, path, tiny_model_factory))
     assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == _tokens(want)
-    assert llm.engine.stats()["spec_decode_num_draft_tokens"] > 0
+    assert llm.engine.stats()["spec_decode_num_accepted_tokens"] > 0  # both branches of verification ran
     assert _all_free(llm)
 
 
