@@ -369,24 +369,36 @@ def test_server_speculates_and_requests_opt_out(target, reference):
         assert srv.stop() == 0
 
 
-def test_bf16_verification_reproduces_plain_decoding_bit_for_bit(smollm2_gguf_path):
-    """Proposed tokens are verified as decode rows through the same kernels as plain decoding, and the CPU's small-row
-    matmul computes each row the same whatever the row count: so even in bf16 (where a prefill-style pass rounds
-    differently and flips SmolLM2's near-ties) greedy output with speculation is plain greedy output."""
-    from tokenmill.bench.workloads import first_human_turns
+def _needs_small_row_kernels() -> None:
     from tokenmill.model.layers.cpu_kernels import cpu_ops
     from tokenmill.model.layers.linear import onednn_bf16_available
 
     ops = cpu_ops()
     if ops is None or not hasattr(ops, "small_m_linear") or not onednn_bf16_available():
         pytest.skip("needs the AVX512-BF16 small-row matmul kernel")
-    plain = LLM(smollm2_gguf_path, dtype="bfloat16", kv_cache_bytes=64 * 2**20)
+
+
+def _repeat_prompts(num: int) -> list[list[dict]]:
+    from tokenmill.bench.workloads import first_human_turns
+
+    texts = [t for t in first_human_turns() if 400 < len(t) < 1200][:num]
+    return [[{"role": "user", "content": f"Repeat the following text exactly, word for word:\n\n{t}"}] for t in texts]
+
+
+@pytest.mark.parametrize("options", [{}, {"quantization": "int8", "kv_cache_dtype": "int8"}, {"kv_window": 64}],
+                         ids=["bf16", "int8-weights-int8-kv", "kv-window"])
+def test_bf16_verification_reproduces_plain_decoding_bit_for_bit(smollm2_gguf_path, options):
+    """Proposed tokens are verified as decode rows through the same kernels as plain decoding, and the CPU's small-row
+    matmuls compute each row the same whatever the row count: so even in bf16 (where a prefill-style pass rounds
+    differently and flips SmolLM2's near-ties), with quantised weights and KV, and with a KV window, greedy output
+    with speculation is plain greedy output, and every block comes back."""
+    _needs_small_row_kernels()
+    plain = LLM(smollm2_gguf_path, dtype="bfloat16", kv_cache_bytes=64 * 2**20, **options)
     spec = LLM(smollm2_gguf_path, dtype="bfloat16", kv_cache_bytes=64 * 2**20, speculative_method="ngram",
-               num_speculative_tokens=7)
-    texts = [t for t in first_human_turns() if 400 < len(t) < 1200][:3]
-    params = SamplingParams(temperature=0.0, max_tokens=96)
-    for text in texts:
-        prompt = [{"role": "user", "content": f"Repeat the following text exactly, word for word:\n\n{text}"}]
+               num_speculative_tokens=7, **options)
+    params = SamplingParams(temperature=0.0, max_tokens=80)
+    for prompt in _repeat_prompts(2 if options else 3):
         want = plain.chat(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
         assert spec.chat(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want
-    assert spec.engine.stats()["spec_decode_num_accepted_tokens"] > 20
+    assert spec.engine.stats()["spec_decode_num_accepted_tokens"] > 10
+    assert _all_free(spec)
