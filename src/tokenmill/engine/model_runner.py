@@ -30,6 +30,38 @@ class BatchLayout:
 CPU_DEFAULT_KV_BYTES = 4 * 2**30
 
 
+def ensure_rope_positions(model: torch.nn.Module, num_positions: int) -> None:
+    """Makes the model's RoPE tables cover positions [0, num_positions) (a KV window lets sequences run past the
+    context length the model was built for)."""
+    rotary = getattr(model, "rotary", None)
+    if rotary is not None and num_positions > rotary.max_positions:
+        rotary.ensure_positions(num_positions)
+
+
+def batch_metadata(
+    slots: list[int], dec_tables: list[list[int]], dec_lens: list[int], prefills: list[PrefillSpan],
+    block_size: int, device: torch.device,
+) -> AttentionMetadata:
+    """Attention metadata of a flat batch: its cache slots, the decode rows' block tables (padded with 0) and
+    context lengths, and the prefill spans."""
+    dec_bt = dec_ctx = None
+    if dec_tables:
+        width = max(len(t) for t in dec_tables)
+        padded = np.zeros((len(dec_tables), width), dtype=np.int64)
+        for r, t in enumerate(dec_tables):
+            padded[r, : len(t)] = t
+        dec_bt = torch.from_numpy(padded).to(device)
+        dec_ctx = torch.tensor(dec_lens, dtype=torch.long, device=device)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        num_decode=len(dec_tables),
+        decode_block_tables=dec_bt,
+        decode_context_lens=dec_ctx,
+        prefills=prefills,
+        block_size=block_size,
+    )
+
+
 def available_memory_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -129,7 +161,7 @@ class ModelRunner:
         block_size = 16
         nb = -(-n // block_size)
         caches = self._new_caches(nb, block_size, zeroed=False)
-        self.ensure_positions(n)
+        ensure_rope_positions(self.model, n)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(n, device=self.device),
             num_decode=0,
@@ -141,13 +173,6 @@ class ModelRunner:
         rows = torch.arange(n - 1 if last_only else 0, n, device=self.device)
         with torch.inference_mode():
             return self.model(token_ids.to(self.device), torch.arange(n, device=self.device), caches, meta, rows)
-
-    def ensure_positions(self, num_positions: int) -> None:
-        """Makes the RoPE tables cover positions [0, num_positions) (a KV window lets sequences run past the
-        context length the model was built for)."""
-        rotary = getattr(self.model, "rotary", None)
-        if rotary is not None and num_positions > rotary.max_positions:
-            rotary.ensure_positions(num_positions)
 
     # ---- one step -------------------------------------------------------------------------------------------
     def execute(
@@ -216,25 +241,9 @@ class ModelRunner:
         if not logits_idx:
             logits_idx.append(len(input_ids) - 1)  # the model always returns at least one row
 
-        self.ensure_positions(num_positions)
+        ensure_rope_positions(self.model, num_positions)
         dev = self.device
-        if dec_tables:
-            width = max(len(t) for t in dec_tables)
-            padded = np.zeros((len(dec_tables), width), dtype=np.int64)
-            for r, t in enumerate(dec_tables):
-                padded[r, : len(t)] = t
-            dec_bt = torch.from_numpy(padded).to(dev)
-            dec_ctx = torch.tensor(dec_lens, dtype=torch.long, device=dev)
-        else:
-            dec_bt = dec_ctx = None
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode=len(dec_tables),
-            decode_block_tables=dec_bt,
-            decode_context_lens=dec_ctx,
-            prefills=prefills,
-            block_size=bs,
-        )
+        meta = batch_metadata(slots, dec_tables, dec_lens, prefills, bs, dev)
         with torch.inference_mode():
             logits = self.model(
                 torch.tensor(input_ids, dtype=torch.long, device=dev),

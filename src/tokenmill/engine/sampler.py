@@ -117,7 +117,8 @@ class Sampler:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _default_generator(self, device: torch.device) -> torch.Generator:
+    def default_generator(self, device: torch.device) -> torch.Generator:
+        """The generator unseeded rows draw from."""
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
@@ -131,25 +132,20 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows), V], got {tuple(logits.shape)} for {len(rows)} rows")
-        batch, vocab = logits.shape
+        batch = logits.shape[0]
         device = logits.device
         if batch == 0:
             return []
         params = [row.params for row in rows]
         any_blocked = any(len(row.blocked_token_ids) > 0 for row in rows)
-        pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
+        any_penalties = any(p.needs_penalties for p in params)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
 
-        if not any_blocked and not pen_rows and not sampled:
+        if not any_blocked and not any_penalties and not sampled:
             # Fast path: an all-greedy batch with nothing to mask is one argmax.
             token_ids = _argmax(logits)
         else:
-            work = logits.to(dtype=torch.float32, copy=True)
-            if any_blocked:
-                r, c = _flat_indices([row.blocked_token_ids for row in rows], vocab, device)
-                work[r, c] = float("-inf")
-            if pen_rows:
-                self._penalize(work, rows, pen_rows)
+            work = self.processed_logits(logits, rows)
             if len(sampled) == batch:
                 token_ids = self._sample(work, rows)
             else:
@@ -187,7 +183,7 @@ class Sampler:
 
         # Exponential race: argmax(p / E), E ~ Exp(1), picks i with probability p_i / sum(p).
         unseeded = [i for i, row in enumerate(rows) if row.generator is None]
-        default_gen = self._default_generator(device) if unseeded else None
+        default_gen = self.default_generator(device) if unseeded else None
         if len(unseeded) == n:
             noise = torch.empty_like(probs).exponential_(generator=default_gen)
         else:
@@ -230,11 +226,6 @@ class Sampler:
             probs = probs.masked_fill(probs < threshold, 0.0)  # renormalising is unnecessary for argmax
         return probs
 
-    def target_probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """The normalised distribution [B, V] each (non-greedy) row samples from: blocked tokens, penalties,
-        temperature, top-k, top-p, min-p exactly as in sampling (for speculative decoding's rejection sampler)."""
-        return self.normalised_probs(self.processed_logits(logits, rows), [row.params for row in rows])
-
     def normalised_probs(self, work: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """``work`` from processed_logits (owned, modified) -> the normalised sampling distribution per row."""
         probs = self._processed_probs(work, params)
@@ -250,10 +241,6 @@ class Sampler:
         if pen_rows:
             self._penalize(work, rows, pen_rows)
         return work
-
-    def default_generator(self, device: torch.device) -> torch.Generator:
-        """The generator unseeded rows draw from."""
-        return self._default_generator(device)
 
     @staticmethod
     def _top_k_only(logits: torch.Tensor, params: list[SamplingParams], trunc: list[int]) -> None:

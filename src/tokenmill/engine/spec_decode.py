@@ -1,7 +1,8 @@
 """Speculative decoding inside continuous batching: proposers, adaptive k, and the verifier.
 
 Each step, before scheduling, `SpecDecoder.plan` picks k for every decoding sequence (0: it decodes as usual). The
-scheduler gives such a sequence 1 + k slots, like a small prefill chunk over its cached context. Proposals come
+scheduler gives such a sequence 1 + k slots and the model runner runs them as 1 + k decode rows over its block
+table (each row attends to its own prefix, exactly as plain decoding computes that position). Proposals come
 from an n-gram lookup in the sequence's own tokens (before scheduling: it needs no KV cache) or from a draft model
 (after scheduling, so the slots it writes exist and shared blocks are already copied). The target model then runs
 the sequence's last token and its k proposed tokens in the same forward pass as everything else, with logits for
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, SpeculativeConfig
-from ..model.layers.attention import AttentionMetadata, PrefillSpan
+from ..model.layers.attention import PrefillSpan
+from .model_runner import batch_metadata, ensure_rope_positions
 from .sampler import Sampler, SamplingRow, _argmax
 from .sequence import Sequence
 
@@ -167,25 +169,8 @@ class DraftModelProposer:
             else:
                 prefills.append(PrefillSpan(start, n, first + n, torch.tensor(table, dtype=torch.long, device=dev)))
             last[i] = start + n - 1
-        dec_bt = dec_ctx = None
-        if dec_tables:
-            width = max(len(t) for t in dec_tables)
-            padded = np.zeros((len(dec_tables), width), dtype=np.int64)
-            for r, t in enumerate(dec_tables):
-                padded[r, : len(t)] = t
-            dec_bt = torch.from_numpy(padded).to(dev)
-            dec_ctx = torch.tensor(dec_lens, dtype=torch.long, device=dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode=len(dec_tables),
-            decode_block_tables=dec_bt,
-            decode_context_lens=dec_ctx,
-            prefills=prefills,
-            block_size=bs,
-        )
-        rotary = getattr(self.model, "rotary", None)
-        if rotary is not None and max(positions) + 1 > rotary.max_positions:
-            rotary.ensure_positions(max(positions) + 1)
+        ensure_rope_positions(self.model, max(positions) + 1)
+        meta = batch_metadata(slots, dec_tables, dec_lens, prefills, bs, dev)
         return self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
