@@ -185,12 +185,16 @@ def test_metrics_exposed(target, reference):
     stats = llm.engine.stats()
     assert stats["spec_decode_num_accepted_tokens"] <= stats["spec_decode_num_draft_tokens"]
     assert stats["spec_decode_mean_accepted_length"] > 1.5
-    text = ServerMetrics("m", llm.engine.stats).render().decode()
+    metrics = ServerMetrics()
+    metrics.add_model("m", llm.engine.stats)
+    text = metrics.render().decode()
     for name in ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
                  "spec_decode_num_accepted_tokens_total", "spec_decode_acceptance_rate"):
         assert f"tokenmill:{name}" in text
     plain = LLM(target, dtype="float32", block_size=4, num_blocks=64)
-    assert "spec_decode" not in ServerMetrics("m", plain.engine.stats).render().decode()
+    metrics = ServerMetrics()
+    metrics.add_model("m", plain.engine.stats)
+    assert "spec_decode" not in metrics.render().decode()
 
 
 # ---- sampling: the output distribution is the target's ---------------------------------------------------------

@@ -19,6 +19,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes (default: a fraction of free memory)")
+    p.add_argument("--num-blocks", type=int, default=None, help="exact number of KV-cache blocks (overrides the budget)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
@@ -52,6 +53,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_bytes,
+        num_blocks=args.num_blocks,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
         kv_cache_dtype=args.kv_cache_dtype,
@@ -109,21 +111,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import EngineConfig
-    from .serving.api_server import ServerConfig, run_server, served_model_name
+    from .serving.api_server import ServerConfig, run_server
+    from .serving.registry import RegistryConfig
+    from .serving.response_cache import ResponseCacheConfig, parse_size
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("TOKENMILL_API_KEY") or None
     server_cfg = ServerConfig(
-        served_model_name=args.served_model_name or served_model_name(args.model),
         api_key=api_key,
-        max_queued_requests=args.max_queued_requests or None,
-        request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
         max_n=args.max_n,
         warmup=not args.no_warmup,
     )
-    engine_cfg = EngineConfig(**engine_kwargs(args))
-    return run_server(engine_cfg, server_cfg, host=args.host, port=args.port, log_level=args.log_level or "INFO")
+    if args.config is not None:
+        if args.model is not None or args.served_model_name is not None:
+            raise ValueError("--config names the models; drop --model / --served-model-name")
+        registry_cfg = RegistryConfig.from_yaml(args.config)
+        if args.response_cache is not None:
+            registry_cfg.response_cache = ResponseCacheConfig(args.response_cache, registry_cfg.response_cache.max_bytes,
+                                                              registry_cfg.response_cache.ttl_s)
+    else:
+        cache = ResponseCacheConfig(args.response_cache or "memory", parse_size(args.response_cache_bytes),
+                                    args.response_cache_ttl)
+        registry_cfg = RegistryConfig.single(EngineConfig(**engine_kwargs(args)), args.served_model_name,
+                                             max_queued_requests=args.max_queued_requests or None,
+                                             request_timeout=args.request_timeout, response_cache=cache)
+    return run_server(registry_cfg, server_cfg, host=args.host, port=args.port, log_level=args.log_level or "INFO")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -184,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="largest request body accepted")
     s.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) accepted")
     s.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests before /health says ready")
+    s.add_argument("--config", default=None, metavar="MODELS_YAML",
+                   help="serve several models, with routing, fallback and memory shares, from a YAML file "
+                        "(see README, 'Several models')")
+    s.add_argument("--response-cache", default=None, metavar="BACKEND",
+                   help="cache answers of deterministic requests (greedy or seeded): memory (default), off, or "
+                        "redis://HOST:PORT/DB to share it between servers")
+    s.add_argument("--response-cache-bytes", default="64MiB", help="in-process response cache size (default 64MiB)")
+    s.add_argument("--response-cache-ttl", type=float, default=3600.0, help="seconds a cached answer lives")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quantize", help="write a quantised checkpoint (int8, int4, int4-awq, mixed or a policy file)")

@@ -335,7 +335,8 @@ async def arun_benchmark(
         base["ignore_eos"] = True
     if extra_body:
         base.update(extra_body)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # no-store: a server's response cache must not answer a benchmark's repeated greedy prompts
+    headers = {"Cache-Control": "no-store", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     count_tokens = _count_tokens_fn(tokenizer)
     n = len(requests)
     results = [RequestResult(index=i, prompt_len=s.prompt_len, max_tokens=s.max_tokens)
@@ -439,7 +440,8 @@ def run_benchmark(base_url: str, requests: Sequence[RequestSpec], **kwargs: Any)
 def get_json(base_url: str, path: str, timeout: float = 10.0, api_key: str | None = None) -> Any:
     import httpx
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # no-store: a server's response cache must not answer a benchmark's repeated greedy prompts
+    headers = {"Cache-Control": "no-store", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     r = httpx.get(base_url.rstrip("/") + path, timeout=timeout, headers=headers)
     r.raise_for_status()
     return r.json()

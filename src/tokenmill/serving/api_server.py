@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import time
+from importlib import resources
 from contextlib import asynccontextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,53 +20,44 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..config import EngineConfig
-from ..engine.async_engine import AsyncEngine
 from ..engine.engine_process import ProcessEngine
 from .errors import APIError, error_response
 from .metrics import ServerMetrics
+from .monitor import PerformanceMonitor
 from .openai_serving import OpenAIServing, ServingLimits
 from .protocol import ModelCard, ModelList
+from .registry import ModelRegistry, ModelSpec, RegistryConfig, ServedModel
+from .response_cache import RedisResponseCache, ResponseCache, create_response_cache
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20
 
 
 @dataclass
 class ServerConfig:
-    served_model_name: str = DEFAULT_MODEL_NAME
+    """Server-wide settings; per-model ones (name, queue bound, timeout) live in the registry's ModelSpec."""
+
     api_key: str | None = None
-    max_queued_requests: int | None = 256
-    request_timeout: float | None = None  # seconds; None: no server-wide limit
     shutdown_timeout: float = 30.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_n: int = 16
     warmup: bool = True
+    monitor_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-        if self.max_queued_requests is not None and self.max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be at least 1, got {self.max_queued_requests}")
-        if self.request_timeout is not None and not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
-
-
-def served_model_name(model: str | None) -> str:
-    """The name clients use: the model directory's or file's basename, or SmolLM2-135M-Instruct by default."""
-    if model is None:
-        return DEFAULT_MODEL_NAME
-    return os.path.basename(os.path.normpath(os.path.expanduser(model))) or DEFAULT_MODEL_NAME
+        if not self.monitor_interval_s > 0:
+            raise ValueError(f"monitor_interval_s must be positive, got {self.monitor_interval_s}")
 
 
 @dataclass
@@ -74,17 +65,23 @@ class ServerState:
     """What the routes and the middleware share."""
 
     config: ServerConfig
-    engine: AsyncEngine | ProcessEngine | None = None
-    serving: OpenAIServing | None = None
-    metrics: ServerMetrics | None = None
+    registry: ModelRegistry
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    monitor: PerformanceMonitor | None = None
+    cache: ResponseCache | None = None
     draining: bool = False
-    load_error: str | None = None
     started: float = field(default_factory=time.time)
     in_flight: int = 0  # HTTP API requests being handled
     on_load_failure: Callable[[], None] | None = None
 
-    def stats(self) -> dict[str, float]:
-        return self.engine.stats() if self.engine is not None else {}
+    def __post_init__(self) -> None:
+        self.monitor = PerformanceMonitor(self.registry, self.registry.config.monitor,
+                                          interval_s=self.config.monitor_interval_s)
+
+    @property
+    def load_error(self) -> str | None:
+        errors = [f"{m.name}: {m.load_error}" for m in self.registry.models.values() if m.load_error]
+        return "; ".join(errors) or None
 
 
 class GuardMiddleware:
@@ -111,7 +108,7 @@ class GuardMiddleware:
             if self.state.draining:
                 return await self._reply(scope, receive, send, error_response(
                     503, "the server is shutting down", code="shutting_down"))
-            if self.state.serving is None:
+            if not any(m.serving is not None for m in self.state.registry.models.values()):
                 msg = f"the model failed to load: {self.state.load_error}" if self.state.load_error else \
                     "the model is still loading; retry shortly"
                 return await self._reply(scope, receive, send, error_response(
@@ -125,11 +122,14 @@ class GuardMiddleware:
                     code="body_too_large", headers={"Connection": "close"}))
             receive = _replay(body, receive)
 
-        status_holder: dict[str, int] = {}
+        status_holder: dict[str, Any] = {}
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
+                for k, v in message.get("headers", []):
+                    if k.lower() == b"x-tokenmill-model":
+                        status_holder["model"] = v.decode("latin-1")
             await send(message)
 
         if is_api:
@@ -139,23 +139,24 @@ class GuardMiddleware:
         finally:
             if is_api:
                 self.state.in_flight -= 1
-            self._count(path, status_holder.get("status", 500))
+            self._count(path, status_holder.get("status", 500), status_holder.get("model", ""))
 
     async def _reply(self, scope: Scope, receive: Receive, send: Send, response: Response) -> None:
-        self._count(scope["path"], response.status_code)
+        self._count(scope["path"], response.status_code, "")
         await response(scope, receive, send)
 
-    def _count(self, path: str, status: int) -> None:
+    def _count(self, path: str, status: int, model: str) -> None:
+        """HTTP responses by endpoint and status; `model` is the model that answered ("" when none did)."""
         m = self.state.metrics
-        if m is not None and path.startswith("/v1/"):
+        if path.startswith("/v1/"):
             endpoint = path if path in ("/v1/completions", "/v1/chat/completions", "/v1/models") else "other"
-            m.http_response(endpoint, status)
+            m.http_response(model, endpoint, status)
             if status == 401:
-                m.reject("unauthorized")
+                m.reject(model, "unauthorized")
             elif status == 413:
-                m.reject("body_too_large")
+                m.reject(model, "body_too_large")
             elif status == 503 and self.state.draining:
-                m.reject("shutting_down")
+                m.reject(model, "shutting_down")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -209,21 +210,25 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return wrapped
 
 
-def create_app(state: ServerState, engine_loader: Any | None = None) -> FastAPI:
-    """The FastAPI app. `engine_loader` (a blocking callable returning an AsyncEngine) runs in a thread after
-    startup, so the port is open (and /health says 503) while the model loads; alternatively set `state.engine`
-    before startup."""
+def create_app(state: ServerState, engine_factory: Callable[[ModelSpec], Any]) -> FastAPI:
+    """The FastAPI app. `engine_factory(spec)` (blocking; returns a ProcessEngine or AsyncEngine) runs in a thread
+    per model after startup, so the port is open (and /health says 503) while the models load."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.ensure_future(_bring_up(state, engine_loader))
+        task = asyncio.ensure_future(_bring_up(state, engine_factory))
         app.state.bring_up = task
+        state.monitor.start()
         try:
             yield
         finally:
             task.cancel()
-            if state.engine is not None:
-                state.engine.stop()
+            state.monitor.stop()
+            for m in state.registry.models.values():
+                if m.engine is not None:
+                    m.engine.stop()
+            if state.cache is not None:
+                await state.cache.close()
 
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
     app.state.server = state
@@ -251,15 +256,25 @@ def create_app(state: ServerState, engine_loader: Any | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        engine = state.engine
+        """200 while at least one model can serve ("ok", or "degraded" when another cannot); 503 otherwise. The
+        body names every model's state (status, error, queue depth, running, KV-cache use)."""
+        models = {m.name: m.health() for m in state.registry.models.values()}
+        statuses = [h["status"] for h in models.values()]
         if state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        if engine is None or not engine.is_ready or state.serving is None:
-            status = "failed" if state.load_error else "loading"
-            return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
-        if engine.is_dead:
-            return JSONResponse({"status": "dead", "error": engine.dead_reason}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            status = "draining"
+        elif all(st == "ok" for st in statuses):
+            status = "ok"
+        elif any(st == "ok" for st in statuses):
+            status = "degraded"
+        elif any(st == "dead" for st in statuses):
+            status = "dead"
+        elif state.load_error and not any(st == "loading" for st in statuses):
+            status = "failed"
+        else:
+            status = "loading"
+        errors = [f"{n}: {h['error']}" if len(models) > 1 else h["error"] for n, h in models.items() if h["error"]]
+        body = {"status": status, "error": "; ".join(errors) or None, "models": models}
+        return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -267,58 +282,83 @@ def create_app(state: ServerState, engine_loader: Any | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        if state.metrics is None:
-            return PlainTextResponse("", media_type="text/plain; version=0.0.4")
+        if isinstance(state.cache, RedisResponseCache):
+            await state.cache.refresh_stats()
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/monitor")
+    async def monitor(window: float | None = None) -> dict[str, Any]:
+        if window is not None and not window > 0:
+            raise APIError(400, f"window must be positive seconds, got {window}", param="window")
+        return state.monitor.snapshot(window)
+
+    @app.get("/dashboard")
+    async def dashboard() -> Response:
+        page = resources.files("tokenmill.serving").joinpath("dashboard/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        engine = state.engine
-        card = ModelCard(id=state.config.served_model_name, created=int(state.started),
-                         root=engine.model_path if engine else None,
-                         max_model_len=engine.max_model_len if engine else None)
-        return ModelList(data=[card]).model_dump()
+        cards = []
+        for m in state.registry.models.values():
+            engine = m.engine
+            cards.append(ModelCard(id=m.name, created=int(state.started), root=engine.model_path if engine else None,
+                                   max_model_len=engine.max_model_len if engine else None,
+                                   aliases=m.spec.aliases or None))
+        router = state.registry.router
+        if router is not None:
+            cards.append(ModelCard(id=router.name, created=int(state.started), owned_by="tokenmill-router"))
+        return ModelList(data=cards).model_dump(exclude_none=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        assert state.serving is not None  # the middleware answers 503 before that
-        return await state.serving.completions(request)
+        return await state.registry.handle(request, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        assert state.serving is not None
-        return await state.serving.chat(request)
+        return await state.registry.handle(request, "chat")
 
     return app
 
 
-async def _bring_up(state: ServerState, engine_loader: Any | None) -> None:
+async def _bring_up(state: ServerState, engine_factory: Callable[[ModelSpec], Any]) -> None:
+    """Loads every model (in parallel threads), warms each up and attaches its metrics and endpoints. A model
+    that fails to load is marked failed; the server exits only when every model failed."""
     cfg = state.config
-    try:
-        if state.engine is None:
-            if engine_loader is None:
-                raise RuntimeError("no engine and no engine loader")
+    if state.cache is None:
+        state.cache = create_response_cache(state.registry.config.response_cache)
+        state.metrics.response_cache = state.cache
+        if isinstance(state.cache, RedisResponseCache):
+            try:
+                await state.cache.ping()
+            except Exception as e:  # a server without its shared cache still serves; say so loudly
+                logger.error("response cache: cannot reach %s (%s); requests will miss until it is back",
+                             state.cache.config.backend, e)
+
+    async def one(m: ServedModel) -> None:
+        try:
             t0 = time.perf_counter()
-            state.engine = await asyncio.to_thread(engine_loader)
-            logger.info("model loaded in %.1fs", time.perf_counter() - t0)
-        engine = state.engine
-        engine.start()
-        if cfg.warmup:
-            await engine.warmup()
-        else:
-            engine.is_ready = True
-        # metrics observe real traffic only (attached after the warm-up)
-        state.metrics = ServerMetrics(cfg.served_model_name, state.stats)
-        engine.observer = state.metrics
-        state.serving = OpenAIServing(engine, cfg.served_model_name, state.metrics, ServingLimits(max_n=cfg.max_n))
-        logger.info("ready: serving %s (context %d tokens)", cfg.served_model_name, engine.max_model_len)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        state.load_error = f"{type(e).__name__}: {e}"
-        logger.error("failed to bring up the engine: %s", state.load_error, exc_info=True)
-        if state.on_load_failure is not None:
-            state.on_load_failure()
+            m.engine = await asyncio.to_thread(engine_factory, m.spec)
+            logger.info("model %s loaded in %.1fs", m.name, time.perf_counter() - t0)
+            m.engine.start()
+            if cfg.warmup:
+                await m.engine.warmup()
+            else:
+                m.engine.is_ready = True
+            # metrics observe real traffic only (attached after the warm-up)
+            m.metrics = state.metrics.add_model(m.name, m.engine.stats)
+            m.engine.observer = m.metrics
+            m.serving = OpenAIServing(m.engine, m.name, m.metrics, ServingLimits(max_n=cfg.max_n), cache=state.cache)
+            logger.info("ready: serving %s (context %d tokens)", m.name, m.engine.max_model_len)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            m.load_error = f"{type(e).__name__}: {e}"
+            logger.error("failed to bring up model %s: %s", m.name, m.load_error, exc_info=True)
+
+    await asyncio.gather(*(one(m) for m in state.registry.models.values()))
+    if not any(m.serving is not None for m in state.registry.models.values()) and state.on_load_failure is not None:
+        state.on_load_failure()
 
 
 # ---- the uvicorn runner -----------------------------------------------------------------------------------------
@@ -360,12 +400,12 @@ class _DrainingServer:
     async def _drain(self) -> None:
         state = self.state
         state.draining = True
-        engine = state.engine
+        engines = [m.engine for m in state.registry.models.values() if m.engine is not None]
         try:
-            if engine is not None:
-                drained = await engine.shutdown(state.config.shutdown_timeout)
-                if not drained:
-                    logger.warning("drain timed out; unfinished requests were aborted")
+            results = await asyncio.gather(*(e.shutdown(state.config.shutdown_timeout) for e in engines),
+                                           return_exceptions=True)
+            if not all(r is True for r in results):
+                logger.warning("drain timed out; unfinished requests were aborted")
             end = time.monotonic() + 5.0  # let the handlers write their last bytes
             while state.in_flight and time.monotonic() < end:
                 await asyncio.sleep(0.02)
@@ -388,20 +428,22 @@ class _DrainingServer:
         return asyncio.run(self.serve())
 
 
-def run_server(engine_config: EngineConfig, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
+def run_server(registry_config: RegistryConfig, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info") -> int:
     """Serves until SIGTERM/SIGINT; returns the process exit code (0 after a graceful drain)."""
     from ..model.loader import resolve_model_path
 
-    resolve_model_path(engine_config.model)  # a wrong path is a clear error now, before the port opens
+    for spec in registry_config.models:  # a wrong path is a clear error now, before the port opens
+        resolve_model_path(spec.engine.model)
 
-    def load() -> ProcessEngine:
-        # The engine steps in its own process (see engine_process.py for the measurements behind this).
-        return ProcessEngine(engine_config, max_queued_requests=config.max_queued_requests,
-                             request_timeout=config.request_timeout)
+    def load(spec: ModelSpec) -> ProcessEngine:
+        # Each engine steps in its own process (see engine_process.py for the measurements behind this).
+        return ProcessEngine(spec.engine, max_queued_requests=spec.max_queued_requests,
+                             request_timeout=spec.request_timeout)
 
-    state = ServerState(config)
+    state = ServerState(config, ModelRegistry(registry_config))
     app = create_app(state, load)
     server = _DrainingServer(app, state, host, port, log_level)
-    logger.info("tokenmill %s: serving %s on http://%s:%d", __version__, config.served_model_name, host, port)
+    names = ", ".join(m.name for m in registry_config.models)
+    logger.info("tokenmill %s: serving %s on http://%s:%d", __version__, names, host, port)
     return server.run()

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -25,10 +24,11 @@ from ..engine.async_engine import (
 )
 from ..engine.outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
-from .errors import APIError, validation_error
+from .errors import APIError
 from .logprobs import LogprobFormatter, concat_logprobs
-from .metrics import ServerMetrics
+from .metrics import ModelMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+from .response_cache import ResponseCache, cache_key, cached_usage, is_cacheable, replay_chunks
 
 logger = logging.getLogger(__name__)
 request_logger = logging.getLogger("tokenmill.requests")
@@ -64,39 +64,50 @@ class _Job:
     logprobs: int | None = None  # completions: top-N; chat: top-N when logprobs is on
     streams: list[RequestStream] = field(default_factory=list)
     disconnected: bool = False
+    route: str = "explicit"
+    cache_key: str | None = None  # set when the response cache may store the answer
     created: int = field(default_factory=lambda: int(time.time()))
     start: float = field(default_factory=time.monotonic)
 
 
 class OpenAIServing:
+    """One model's endpoints. The registry parses the body and picks the model; `handle` does the rest."""
+
     def __init__(
         self,
         engine: AsyncEngine,
         model_name: str,
-        metrics: ServerMetrics,
+        metrics: ModelMetrics,
         limits: ServingLimits | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.limits = limits or ServingLimits()
+        self.cache = cache
         self.tokenizer = engine.tokenizer
         self.lp = LogprobFormatter(engine.tokenizer)
 
     # ---- entry points -----------------------------------------------------------------------------------------
-    async def completions(self, request: Request) -> Response:
-        req = await self._parse(request, CompletionRequest)
-        self._check_request(req)
+    async def handle(self, request: Request, kind: str, req: Any, route: str = "explicit") -> Response:
+        """Answers a parsed CompletionRequest (kind "completion") or ChatCompletionRequest ("chat"); `route` says
+        how the registry chose this model (metrics and the X-Tokenmill-Route header)."""
+        problem = req.unsupported()
+        if problem is not None:
+            raise APIError(400, problem[1], param=problem[0], code="unsupported")
+        job = await (self._completion_job(req) if kind == "completion" else self._chat_job(req))
+        job.route = route
+        return await self._run(request, job, req.user)
+
+    async def _completion_job(self, req: CompletionRequest) -> _Job:
         prompts = await self._completion_prompts(req.prompt)
         params = self._sampling_params(req, prompts, "prompt", req.max_tokens, req.logprobs,
                                        prompt_logprobs=req.logprobs if req.echo else None)
-        job = _Job("completion", f"cmpl-{uuid.uuid4().hex}", self.model_name, prompts, params, req.n, req.stream,
-                   _include_usage(req), echo=req.echo, logprobs=req.logprobs)
-        return await self._run(request, job, req.user)
+        return _Job("completion", f"cmpl-{uuid.uuid4().hex}", self.model_name, prompts, params, req.n, req.stream,
+                    _include_usage(req), echo=req.echo, logprobs=req.logprobs)
 
-    async def chat(self, request: Request) -> Response:
-        req = await self._parse(request, ChatCompletionRequest)
-        self._check_request(req)
+    async def _chat_job(self, req: ChatCompletionRequest) -> _Job:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -112,29 +123,10 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = self._sampling_params(req, prompts, "messages", max_tokens, top, max_tokens_param=param_name)
-        job = _Job("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name, prompts, params, req.n, req.stream,
-                   _include_usage(req), logprobs=top)
-        return await self._run(request, job, req.user)
+        return _Job("chat", f"chatcmpl-{uuid.uuid4().hex}", self.model_name, prompts, params, req.n, req.stream,
+                    _include_usage(req), logprobs=top)
 
     # ---- request -> job ---------------------------------------------------------------------------------------
-    async def _parse(self, request: Request, model: type) -> Any:
-        body = await request.body()
-        try:
-            return model.model_validate_json(body)
-        except ValidationError as e:
-            raise validation_error(e) from None
-
-    def _check_request(self, req: Any) -> None:
-        self._check_model(req.model)
-        problem = req.unsupported()
-        if problem is not None:
-            raise APIError(400, problem[1], param=problem[0], code="unsupported")
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
-
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) > _LONG_TEXT:
             return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
@@ -213,6 +205,12 @@ class OpenAIServing:
 
     # ---- running ----------------------------------------------------------------------------------------------
     async def _run(self, request: Request, job: _Job, user: str | None) -> Response:
+        headers = {"X-Tokenmill-Model": job.model, "X-Tokenmill-Route": job.route}
+        cached, cache_state = await self._cache_lookup(request, job)
+        if cache_state is not None:
+            headers["X-Tokenmill-Cache"] = cache_state
+        if cached is not None:
+            return self._replay(job, cached, headers, user)
         status = 200
         try:
             await self._add(job)
@@ -221,19 +219,59 @@ class OpenAIServing:
             raise
         if job.stream:
             return StreamingResponse(self._stream(request, job, user), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         finals: list[RequestOutput] = []
         try:
             finals = await _with_disconnect_watch(request, job, self._collect(job))
-            response = self._response(job, finals)
+            body = self._response_body(job, finals)
         except APIError as e:
             status, error = (499, "client disconnected") if job.disconnected else (e.status, e.message)
             self._log(job, status, user, finals, error=error)
             raise
+        await self._cache_store(job, body)
         self._log(job, status, user, finals)
-        return response
+        return JSONResponse(body, headers=headers)
+
+    # ---- response cache ---------------------------------------------------------------------------------------
+    async def _cache_lookup(self, request: Request, job: _Job) -> tuple[dict | None, str | None]:
+        """(cached body or None, "hit" | "miss" | "bypass" | None when the request is not cacheable).
+        `Cache-Control: no-cache` skips the lookup but stores the fresh answer; `no-store` skips both."""
+        if self.cache is None or not is_cacheable(job.params):
+            return None, None
+        cc = request.headers.get("cache-control", "").lower()
+        if "no-store" not in cc:
+            job.cache_key = cache_key(job.model, job.kind, [p.token_ids for p in job.prompts], job.params,
+                                      echo=job.echo, logprobs=job.logprobs)
+        if "no-cache" in cc or "no-store" in cc:
+            self.metrics.cache_lookup("bypass")
+            return None, "bypass"
+        assert job.cache_key is not None
+        value = await self.cache.get(job.cache_key)
+        self.metrics.cache_lookup("hit" if value is not None else "miss")
+        return value, "hit" if value is not None else "miss"
+
+    async def _cache_store(self, job: _Job, body: dict) -> None:
+        if self.cache is not None and job.cache_key is not None:
+            await self.cache.put(job.cache_key, body)
+
+    def _replay(self, job: _Job, cached: dict, headers: dict[str, str], user: str | None) -> Response:
+        body = {**cached, "id": job.id, "created": job.created, "model": job.model,
+                "usage": cached_usage(cached["usage"])}
+        self._log(job, 200, user, cached_body=body)
+        if not job.stream:
+            return JSONResponse(body, headers=headers)
+
+        async def replay() -> AsyncIterator[str]:
+            for c in replay_chunks(body, job.include_usage):
+                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(replay(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
     async def _add(self, job: _Job) -> None:
+        for p in job.prompts:
+            self.metrics.prompt_seen(p.token_ids)
         try:
             for i, p in enumerate(job.prompts):
                 job.streams.append(await self.engine.add_request(
@@ -269,7 +307,7 @@ class OpenAIServing:
                 s.close()
             raise _engine_error(e) from None
 
-    def _response(self, job: _Job, finals: list[RequestOutput]) -> JSONResponse:
+    def _response_body(self, job: _Job, finals: list[RequestOutput]) -> dict[str, Any]:
         reasons = [c.finish_reason for out in finals for c in out.outputs]
         if "timeout" in reasons:
             raise APIError(504, "the request timed out before it finished and was aborted", code="request_timeout")
@@ -300,9 +338,8 @@ class OpenAIServing:
                     choices.append({"index": idx, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                                     "stop_reason": c.stop_reason})
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        body = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
+        return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
                 "usage": usage.model_dump()}
-        return JSONResponse(body)
 
     # ---- streaming --------------------------------------------------------------------------------------------
     async def _stream(self, request: Request, job: _Job, user: str | None) -> AsyncIterator[str]:
@@ -355,6 +392,9 @@ class OpenAIServing:
                     yield chunk(choices)
                 if out.finished:
                     finals[pi] = out
+            if job.cache_key is not None and len(finals) == len(job.prompts) and all(
+                    c.finish_reason in ("stop", "length") for o in finals.values() for c in o.outputs):
+                await self._cache_store(job, self._response_body(job, [finals[i] for i in range(len(finals))]))
             if job.include_usage:
                 yield chunk([], _usage(list(finals.values())).model_dump())
         except (RequestFailedError, EngineDeadError, EngineShutdownError) as e:
@@ -417,18 +457,22 @@ class OpenAIServing:
 
     # ---- logging ----------------------------------------------------------------------------------------------
     def _log(self, job: _Job, status: int, user: str | None, finals: list[RequestOutput] | None = None,
-             error: str | None = None) -> None:
+             error: str | None = None, cached_body: dict | None = None) -> None:
         finals = finals or []
         prompt_tokens = sum(len(p.token_ids) for p in job.prompts)
         completion_tokens = sum(len(c.token_ids) for o in finals for c in o.outputs)
         ttfts = [o.metrics.ttft for o in finals if o.metrics.ttft is not None]
         reasons = sorted({str(c.finish_reason) for o in finals for c in o.outputs})
+        if cached_body is not None:
+            completion_tokens = cached_body["usage"]["completion_tokens"]
+            reasons = sorted({str(c["finish_reason"]) for c in cached_body["choices"]})
         record = {
             "request_id": job.id, "endpoint": job.kind, "model": job.model, "status": status, "stream": job.stream,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "n": job.n,
             "latency_s": round(time.monotonic() - job.start, 4),
             "ttft_s": round(min(ttfts), 4) if ttfts else None,
             "finish_reason": ",".join(reasons) or None, "user": user, "error": error,
+            "route": job.route, "cache": "hit" if cached_body is not None else None,
         }
         level = logging.INFO if status < 500 else logging.WARNING
         request_logger.log(level, " ".join(f"{k}={v}" for k, v in record.items() if v is not None),

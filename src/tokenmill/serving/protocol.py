@@ -49,6 +49,7 @@ class _SamplingFields(_Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    metadata: dict[StrictStr, StrictStr] | None = Field(default=None, description="tags the `auto` router can match")
     timeout: Float | None = Field(default=None, description="seconds; overrides the server's --request-timeout")
     # accepted so that requests naming them get a clear 400 when they ask for something unsupported
     logit_bias: dict[str, Any] | None = None
@@ -116,6 +117,7 @@ class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": n} on a response-cache hit
 
 
 class CompletionLogprobs(_Response):
@@ -218,6 +220,7 @@ class ModelCard(_Response):
     owned_by: str = "tokenmill"
     root: str | None = None
     max_model_len: int | None = None
+    aliases: list[str] | None = None
 
 
 class ModelList(_Response):
