@@ -242,6 +242,11 @@ class ProcessEngine(EngineFrontend):
         self._requests: dict[str, _RequestState] = {}
         self._waiters: dict[str, asyncio.Future] = {}
 
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id."""
+        return self._proc.pid
+
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._loop is not None:

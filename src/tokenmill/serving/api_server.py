@@ -256,22 +256,23 @@ def create_app(state: ServerState, engine_factory: Callable[[ModelSpec], Any]) -
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while at least one model can serve ("ok", or "degraded" when another cannot); 503 otherwise. The
-        body names every model's state (status, error, queue depth, running, KV-cache use)."""
+        """200 once every model has come up and while at least one can serve ("ok", or "degraded" when another
+        cannot); 503 while loading, draining, or when none can serve. The body details every model (status, error,
+        queue depth, running batch, KV-cache use, engine pid)."""
         models = {m.name: m.health() for m in state.registry.models.values()}
         statuses = [h["status"] for h in models.values()]
         if state.draining:
             status = "draining"
+        elif any(st == "loading" for st in statuses):  # ready once every model has come up (or failed to)
+            status = "loading"
         elif all(st == "ok" for st in statuses):
             status = "ok"
         elif any(st == "ok" for st in statuses):
             status = "degraded"
         elif any(st == "dead" for st in statuses):
             status = "dead"
-        elif state.load_error and not any(st == "loading" for st in statuses):
-            status = "failed"
         else:
-            status = "loading"
+            status = "failed"
         errors = [f"{n}: {h['error']}" if len(models) > 1 else h["error"] for n, h in models.items() if h["error"]]
         body = {"status": status, "error": "; ".join(errors) or None, "models": models}
         return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)

@@ -157,6 +157,7 @@ class ModelMetrics(EngineObserver):
         self.parent = parent
         self.model_name = name
         self.stats = stats
+        self.baseline = dict(stats())  # counters when the model started serving: the monitor's first deltas
         p = parent
         self.ttft = p.ttft.labels(name)
         self.itl = p.itl.labels(name)

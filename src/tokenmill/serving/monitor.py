@@ -133,7 +133,10 @@ class PerformanceMonitor:
         for m in self.registry.models.values():
             if m.metrics is None or m.engine is None:
                 continue
-            hist = self._models.setdefault(m.name, _ModelHistory(deque(maxlen=self._maxlen)))
+            hist = self._models.get(m.name)
+            if hist is None:
+                hist = self._models[m.name] = _ModelHistory(deque(maxlen=self._maxlen))
+                hist.last = {k: float(v) for k, v in m.metrics.baseline.items()}
             hist.samples.append(self._model_sample(m.metrics, m.engine.stats(), hist, now, now_mono, since, dt))
         self._system.append(self._system_sample(now))
 
@@ -142,7 +145,7 @@ class PerformanceMonitor:
         counters = {k: float(s.get(k, 0.0)) for k in (
             "generation_tokens", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits",
             "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")}
-        d = {k: v - hist.last.get(k, v) for k, v in counters.items()}  # the first sample has zero deltas
+        d = {k: v - hist.last.get(k, v) for k, v in counters.items()}
         hist.last = counters
 
         def recent(events: deque) -> list:  # events of this interval (none before the first interval)

@@ -210,6 +210,7 @@ class OpenAIServing:
         if cache_state is not None:
             headers["X-Tokenmill-Cache"] = cache_state
         if cached is not None:
+            self.metrics.routed(job.route)
             return self._replay(job, cached, headers, user)
         status = 200
         try:
@@ -217,6 +218,7 @@ class OpenAIServing:
         except APIError as e:
             self._log(job, e.status, user, error=e.message)
             raise
+        self.metrics.routed(job.route)  # counted where the request is taken (a full queue passes it on)
         if job.stream:
             return StreamingResponse(self._stream(request, job, user), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})

@@ -263,7 +263,8 @@ class ServedModel:
         return {"status": self.status, "error": error, "aliases": list(self.spec.aliases),
                 "fallback": self.spec.fallback, "max_queued_requests": self.spec.max_queued_requests,
                 "queue_depth": int(stats.get("num_waiting", 0)), "running": int(stats.get("num_running", 0)),
-                "kv_cache_usage": float(stats.get("kv_cache_usage", 0.0))}
+                "kv_cache_usage": float(stats.get("kv_cache_usage", 0.0)),
+                "engine_pid": getattr(self.engine, "pid", None)}
 
 
 class ModelRegistry:
