@@ -47,7 +47,7 @@ def grounded_prompts(tok, num: int, min_tokens: int = 120, max_tokens: int = 400
         if not min_tokens <= n <= max_tokens:
             continue
         body = INSTRUCTIONS[len(prompts) % len(INSTRUCTIONS)].format(text=text)
-        chat = tok.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True)
+        chat = tok.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True, tokenize=False)
         prompts.append(tok.encode(chat, add_special_tokens=False))
         if len(prompts) == num:
             break

@@ -5,8 +5,10 @@ One server is shared by the module. Its KV cache is tiny (--num-blocks) so that 
 preemptions; the light traffic of the throughput test stays within it."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -95,6 +97,15 @@ class Traffic:
 
 
 # ---- the page -----------------------------------------------------------------------------------------------------
+def test_page_is_self_contained(server):
+    from importlib import resources
+
+    html = resources.files("tokenmill.serving").joinpath("dashboard/index.html").read_text(encoding="utf-8")
+    assert httpx.get(server.url + "/dashboard", timeout=10).text == html
+    assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?\s*(https?:)?//""", html, re.I)  # no CDN, fonts, scripts
+    assert "<script src" not in html and "@import" not in html
+
+
 def test_page_loads_clean_with_health_cards(server, page):
     errors: list[str] = []
     failed: list[str] = []
@@ -231,7 +242,7 @@ def test_render_snapshot_of_live_json_and_of_nulls(server):
     from rich.console import Console
 
     def text(data: dict, width: int = 200) -> str:
-        console = Console(record=True, width=width, color_system=None)
+        console = Console(record=True, width=width, color_system=None, file=io.StringIO())
         console.print(render_snapshot(data))
         return console.export_text()
 

@@ -58,6 +58,7 @@ def test_config_memory_shares_aliases_and_router():
     ({"models": [{"name": "a", "fallback": "zzz"}]}, "fallback 'zzz' is not a model"),
     ({"models": [{"name": "a", "fallback": "a"}]}, "its own fallback"),
     ({"models": [{"name": "a", "memory": 0.5}]}, "memory_budget, which is not set"),
+    ({"models": [{"name": "a", "memory": 1}], "memory_budget": 10**9}, "read as bytes"),
     ({"models": [{"name": "a", "memory": 0.7}, {"name": "b", "memory": 0.7}], "memory_budget": 10**9}, "more than 1"),
     ({"models": [{"name": "a", "engine": {"dtypo": "float32"}}]}, "unknown engine option(s) dtypo"),
     ({"models": [{"name": "a"}], "routr": {}}, "unknown key(s) routr"),

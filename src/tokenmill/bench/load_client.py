@@ -310,6 +310,7 @@ async def arun_benchmark(
     slo_tpot: float | None = None,
     progress: bool = True,
     seed: int = 0,
+    use_response_cache: bool = False,
 ) -> BenchmarkResult:
     """Run the requests against ``base_url`` and measure them (see the module docstring).
 
@@ -318,6 +319,8 @@ async def arun_benchmark(
     tokenmill and vLLM honour; ``min_tokens`` asks for ``min_tokens = max_tokens`` (llama-cpp-python).
     ``tokenizer`` (HF tokenizer or ``text -> ids`` callable) counts output tokens when the server does
     not report usage in the stream. ``slo_ttft`` / ``slo_tpot`` in seconds define goodput.
+    Requests carry ``Cache-Control: no-store`` so that a server's response cache cannot answer repeated greedy
+    prompts, unless ``use_response_cache``.
     """
     import httpx
 
@@ -335,8 +338,9 @@ async def arun_benchmark(
         base["ignore_eos"] = True
     if extra_body:
         base.update(extra_body)
-    # no-store: a server's response cache must not answer a benchmark's repeated greedy prompts
-    headers = {"Cache-Control": "no-store", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    headers = {} if use_response_cache else {"Cache-Control": "no-store"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     count_tokens = _count_tokens_fn(tokenizer)
     n = len(requests)
     results = [RequestResult(index=i, prompt_len=s.prompt_len, max_tokens=s.max_tokens)
@@ -440,8 +444,9 @@ def run_benchmark(base_url: str, requests: Sequence[RequestSpec], **kwargs: Any)
 def get_json(base_url: str, path: str, timeout: float = 10.0, api_key: str | None = None) -> Any:
     import httpx
 
-    # no-store: a server's response cache must not answer a benchmark's repeated greedy prompts
-    headers = {"Cache-Control": "no-store", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    headers = {} if use_response_cache else {"Cache-Control": "no-store"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     r = httpx.get(base_url.rstrip("/") + path, timeout=timeout, headers=headers)
     r.raise_for_status()
     return r.json()

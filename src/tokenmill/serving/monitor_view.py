@@ -67,6 +67,7 @@ def _evidence(ev: dict[str, Any] | None) -> str:
                      for k, v in (ev or {}).items())
 
 
+# ---- rendering ----------------------------------------------------------------------------------------------------
 COLUMNS = ["status", "tok/s", "req/s", "TTFT p50", "TTFT p99", "ITL p50", "queue", "running", "KV use", "preempt/min",
            "prefix hit", "resp. hit"]
 
@@ -88,7 +89,7 @@ def _model_label(name: str, m: dict[str, Any]) -> Text:
         label.append(f" ({', '.join(h['aliases'])})", style="dim")
     if h.get("fallback"):
         label.append(f" -> {h['fallback']}", style="dim")
-    label.append(f" queue bound {h['max_queued_requests']}" if h.get("max_queued_requests") else "", style="dim")
+    label.append(f" · queue bound {h['max_queued_requests']}" if h.get("max_queued_requests") else "", style="dim")
     return label
 
 
@@ -128,7 +129,6 @@ class _ModelsView:
         yield self.wide() if need <= options.max_width or not self.models else self.narrow()
 
 
-# ---- rendering ----------------------------------------------------------------------------------------------------
 def render_snapshot(data: dict[str, Any], source: str | None = None) -> RenderableType:
     """One /v1/monitor document as a rich renderable: title, per-model table, system line, findings."""
     when = data.get("time")
@@ -160,8 +160,8 @@ def render_snapshot(data: dict[str, Any], source: str | None = None) -> Renderab
         table = Table(title="findings", title_justify="left", header_style="bold", expand=False)
         table.add_column("priority", no_wrap=True)
         table.add_column("model")
-        table.add_column("issue", ratio=2)
-        table.add_column("fix", ratio=2)
+        table.add_column("issue")
+        table.add_column("fix")
         for f in findings:
             p = f.get("priority") or "low"
             issue = Text(f.get("issue") or f.get("kind") or "")
@@ -258,7 +258,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             try:
                 data = fetch_snapshot(client, url, args.window)
             except MonitorError as e:
-                err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+                err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
                 return 1
             if args.json:
                 sys.stdout.write(json.dumps(data, indent=2) + "\n")

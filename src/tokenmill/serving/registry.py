@@ -80,8 +80,9 @@ class ModelSpec:
             raise ValueError(f"model {self.name}: request_timeout must be positive, got {self.request_timeout}")
         if isinstance(self.memory, float) and not 0.0 < self.memory <= 1.0:
             raise ValueError(f"model {self.name}: memory as a fraction must be in (0, 1], got {self.memory}")
-        if isinstance(self.memory, int) and self.memory < 1:
-            raise ValueError(f"model {self.name}: memory in bytes must be positive, got {self.memory}")
+        if isinstance(self.memory, int) and self.memory < 2**20:
+            raise ValueError(f"model {self.name}: memory {self.memory} is read as bytes, too few for a KV cache; "
+                             f"write a fraction of memory_budget as a decimal (1.0, 0.5) or a size (512MiB)")
 
 
 @dataclass
