@@ -425,15 +425,16 @@ def test_flood_gives_a_queue_finding(two_models):
     srv = ServerProcess("--model", two_models[0], "--dtype", "float32", "--max-num-seqs", "1",
                         "--max-queued-requests", "64", "--response-cache", "off")
     try:
-        body = {"prompt": "Queue", "max_tokens": 16, "ignore_eos": True, "temperature": 0.8}
+        body = {"prompt": "Queue", "max_tokens": 64, "ignore_eos": True, "temperature": 0.8}
 
         async def main():
             async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=40)) as c:
+                watch = asyncio.ensure_future(asyncio.to_thread(_wait_finding, srv.url, {"growing_queue"}, 30))
                 tasks = []
                 for _ in range(8):  # arrivals keep coming faster than one sequence at a time drains them
                     tasks += [asyncio.ensure_future(c.post(srv.url + "/v1/completions", json=body)) for _ in range(4)]
                     await asyncio.sleep(0.4)
-                finding = await asyncio.to_thread(_wait_finding, srv.url, {"growing_queue"}, 30)
+                finding = await watch
                 results = await asyncio.gather(*tasks)
                 return finding, results
 

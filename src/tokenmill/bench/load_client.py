@@ -444,9 +444,7 @@ def run_benchmark(base_url: str, requests: Sequence[RequestSpec], **kwargs: Any)
 def get_json(base_url: str, path: str, timeout: float = 10.0, api_key: str | None = None) -> Any:
     import httpx
 
-    headers = {} if use_response_cache else {"Cache-Control": "no-store"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(base_url.rstrip("/") + path, timeout=timeout, headers=headers)
     r.raise_for_status()
     return r.json()
