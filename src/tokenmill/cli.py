@@ -1,4 +1,4 @@
-"""Command line: tokenmill generate | serve | bench (serve | offline | hf-baseline | roofline; see tokenmill.bench.cli)
+"""Command line: tokenmill generate | serve | monitor | bench (serve | offline | hf-baseline | roofline; see tokenmill.bench.cli)
 | plan (capacity planner; see tokenmill.planner)."""
 from __future__ import annotations
 
@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     from .planner import add_plan_parser
 
     add_plan_parser(sub)
+
+    from .serving.monitor_view import add_monitor_parser
+
+    add_monitor_parser(sub)
 
     args = parser.parse_args(argv)
     default_level = "INFO" if args.command == "serve" else "WARNING"
