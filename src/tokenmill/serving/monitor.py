@@ -207,7 +207,7 @@ class PerformanceMonitor:
     # ---- reading ----------------------------------------------------------------------------------------------
     def snapshot(self, window_s: float | None = None) -> dict[str, Any]:
         """The JSON of GET /v1/monitor: per model health, current values and series; system; findings."""
-        window_s = float(window_s) if window_s else self.history_s
+        window_s = min(float(window_s), self.history_s) if window_s else self.history_s
         now = time.time()
         models: dict[str, Any] = {}
         for m in self.registry.models.values():
@@ -297,7 +297,7 @@ def analyse(model: str, c: dict[str, Any], th: MonitorThresholds, util: float | 
 
     def add(kind: str, priority: str, issue: str, cause: str, fix: str, **evidence: Any) -> None:
         out.append(Finding(kind, priority, issue, cause, fix, {k: _r(v) if isinstance(v, float) else v
-                                                              for k, v in evidence.items()}, model))
+                                                              for k, v in evidence.items() if v is not None}, model))
 
     running = c["mean_running"] or 0.0
     kv = c["kv_cache_usage"]
