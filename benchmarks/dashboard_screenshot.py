@@ -104,7 +104,8 @@ def main() -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     stop = threading.Event()
     try:
-        model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        ids = [m["id"] for m in httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"]]
+        model = "auto" if "auto" in ids else ids[0]  # a multi-model config: let the router spread the traffic
         pool = ThreadPoolExecutor(args.concurrency)
         futures = [pool.submit(traffic, url, model, stop, i, headers) for i in range(args.concurrency)]
         print(f"traffic to {model} for {args.seconds:.0f} s ...")

@@ -51,6 +51,15 @@ def test_config_memory_shares_aliases_and_router():
     assert parse_size("1.5GB") == 1_500_000_000 and parse_size(4096) == 4096
 
 
+def test_models_share_the_cores_unless_told():
+    cores = len(os.sched_getaffinity(0))
+    data = _cfg()
+    data["models"][1]["engine"] = {"num_threads": 3}
+    cfg = RegistryConfig.from_dict(data)
+    assert cfg.models[0].engine.num_threads == max(1, cores // 2) and cfg.models[1].engine.num_threads == 3
+    assert RegistryConfig.from_dict({"models": [{"name": "only"}]}).models[0].engine.num_threads is None
+
+
 @pytest.mark.parametrize("data, message", [
     ({"models": []}, "non-empty `models`"),
     ({"models": [{"name": "a"}, {"name": "a"}]}, "used twice"),
