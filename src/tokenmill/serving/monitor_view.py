@@ -20,6 +20,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..argtypes import positive_float
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -215,14 +217,6 @@ def fetch_snapshot(client: httpx.Client, url: str, window: float | None = None) 
 
 
 # ---- the command --------------------------------------------------------------------------------------------------
-def _positive(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
 
 
 def add_monitor_parser(sub: Any) -> argparse.ArgumentParser:
@@ -232,15 +226,15 @@ def add_monitor_parser(sub: Any) -> argparse.ArgumentParser:
                                    "latency, queue and KV-cache use, system load and the server's findings. "
                                    "The same data drives the web dashboard at /dashboard.")
     p.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"server base URL (default {DEFAULT_URL})")
-    p.add_argument("--interval", type=_positive, default=1.0, help="seconds between refreshes (default 1)")
-    p.add_argument("--window", type=_positive, default=None, help="seconds of history the server summarises "
+    p.add_argument("--interval", type=positive_float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--window", type=positive_float, default=None, help="seconds of history the server summarises "
                                                                   "(default: the server's)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit (1 if the server can't be "
                                                        "reached)")
     p.add_argument("--json", action="store_true", help="print the raw /v1/monitor JSON (implies --once)")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: "
                                                    "$TOKENMILL_API_KEY)")
-    p.add_argument("--timeout", type=_positive, default=5.0, help="HTTP timeout in seconds (default 5)")
+    p.add_argument("--timeout", type=positive_float, default=5.0, help="HTTP timeout in seconds (default 5)")
     p.set_defaults(func=cmd_monitor)
     return p
 
