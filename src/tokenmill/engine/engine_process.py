@@ -125,6 +125,7 @@ async def _bridge(conn: Any, engine: AsyncEngine, observer: _RecordingObserver) 
 
     async def warmup() -> None:
         await engine.warmup()
+        observer.drain()  # the warm-up's events: metrics observe real traffic only
         send(("warm",))
 
     async def shutdown(timeout: float) -> None:
