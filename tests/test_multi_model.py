@@ -3,7 +3,6 @@ Unit tests for the pure parts, then real `tokenmill serve --config` processes wi
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -18,13 +17,12 @@ import yaml
 from server_process import ServerProcess, free_port
 from tokenmill import SamplingParams
 from tokenmill.serving.monitor import MonitorThresholds, analyse
-from tokenmill.serving.registry import RegistryConfig
+from tokenmill.serving.registry import RegistryConfig, parse_size
 from tokenmill.serving.response_cache import (
     MemoryResponseCache,
     ResponseCacheConfig,
     cache_key,
     is_cacheable,
-    parse_size,
     replay_chunks,
 )
 from tokenmill.serving.routing import RequestFeatures, RouteRule, RouterConfig, difficulty_score

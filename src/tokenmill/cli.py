@@ -112,8 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import EngineConfig
     from .serving.api_server import ServerConfig, run_server
-    from .serving.registry import RegistryConfig
-    from .serving.response_cache import ResponseCacheConfig, parse_size
+    from .serving.registry import RegistryConfig, parse_size
+    from .serving.response_cache import ResponseCacheConfig
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("TOKENMILL_API_KEY") or None
     server_cfg = ServerConfig(

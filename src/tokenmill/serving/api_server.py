@@ -67,8 +67,8 @@ class ServerState:
     config: ServerConfig
     registry: ModelRegistry
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    monitor: PerformanceMonitor | None = None
-    cache: ResponseCache | None = None
+    monitor: PerformanceMonitor = field(init=False)
+    cache: ResponseCache | None = field(init=False)  # None: --response-cache off
     draining: bool = False
     started: float = field(default_factory=time.time)
     in_flight: int = 0  # HTTP API requests being handled
@@ -77,6 +77,8 @@ class ServerState:
     def __post_init__(self) -> None:
         self.monitor = PerformanceMonitor(self.registry, self.registry.config.monitor,
                                           interval_s=self.config.monitor_interval_s)
+        self.cache = create_response_cache(self.registry.config.response_cache)
+        self.metrics.response_cache = self.cache
 
     @property
     def load_error(self) -> str | None:
@@ -326,15 +328,12 @@ async def _bring_up(state: ServerState, engine_factory: Callable[[ModelSpec], An
     """Loads every model (in parallel threads), warms each up and attaches its metrics and endpoints. A model
     that fails to load is marked failed; the server exits only when every model failed."""
     cfg = state.config
-    if state.cache is None:
-        state.cache = create_response_cache(state.registry.config.response_cache)
-        state.metrics.response_cache = state.cache
-        if isinstance(state.cache, RedisResponseCache):
-            try:
-                await state.cache.ping()
-            except Exception as e:  # a server without its shared cache still serves; say so loudly
-                logger.error("response cache: cannot reach %s (%s); requests will miss until it is back",
-                             state.cache.config.backend, e)
+    if isinstance(state.cache, RedisResponseCache):
+        try:
+            await state.cache.ping()
+        except Exception as e:  # a server without its shared cache still serves; say so loudly
+            logger.error("response cache: cannot reach %s (%s); requests will miss until it is back",
+                         state.cache.config.backend, e)
 
     async def one(m: ServedModel) -> None:
         try:

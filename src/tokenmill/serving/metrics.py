@@ -169,7 +169,7 @@ class ModelMetrics(EngineObserver):
         # (monotonic time, value) events for the monitor; deques are thread-safe for append/iteration snapshots
         self.recent_ttft: deque[tuple[float, float]] = deque(maxlen=self.RECENT)
         self.recent_itl: deque[tuple[float, float]] = deque(maxlen=self.RECENT)
-        self.recent_finished: deque[float] = deque(maxlen=self.RECENT)
+        self.recent_finished: deque[tuple[float, int]] = deque(maxlen=self.RECENT)  # (t, output tokens)
         self.recent_cache: deque[tuple[float, bool]] = deque(maxlen=self.RECENT)  # (t, hit)
         self.recent_prefixes: deque[tuple[float, bool]] = deque(maxlen=self.RECENT)  # (t, shared a prefix)
         self._seen_prefixes: OrderedDict[int, None] = OrderedDict()
@@ -193,12 +193,13 @@ class ModelMetrics(EngineObserver):
             self.queue_time.observe(m.queue_time)
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
+        generated = sum(len(c.token_ids) for c in output.outputs)
         self.prompt_len.observe(len(output.prompt_token_ids))
-        self.gen_len.observe(sum(len(c.token_ids) for c in output.outputs))
+        self.gen_len.observe(generated)
         reasons = {c.finish_reason or "abort" for c in output.outputs}
         reason = next(iter(reasons)) if len(reasons) == 1 else "stop" if reasons <= {"stop", "length"} else "abort"
         self.parent.success.labels(self.model_name, reason).inc()
-        self.recent_finished.append(now)
+        self.recent_finished.append((now, generated))
 
     # ---- HTTP layer -----------------------------------------------------------------------------------------
     def reject(self, reason: str) -> None:

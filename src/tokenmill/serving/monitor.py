@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from .metrics import ModelMetrics, gpu_readings
 
 if TYPE_CHECKING:
@@ -153,15 +155,16 @@ class PerformanceMonitor:
 
         ttfts = [v for _, v in recent(metrics.recent_ttft)]
         itls = [v for _, v in recent(metrics.recent_itl)]
-        finished = sum(1 for t in list(metrics.recent_finished) if since is not None and t > since)
+        finished = len(recent(metrics.recent_finished))
         lookups = recent(metrics.recent_cache)
+        hits = sum(1 for _, hit in lookups if hit)
         prefixes = recent(metrics.recent_prefixes)
         rate = (lambda x: x / dt) if dt else (lambda x: None)
         return {
             "t": now, "mono": now_mono, "dt": dt or 0.0, "tokens": d["generation_tokens"], "finished": finished,
             "ttfts": ttfts, "preemptions": d["num_preemptions"],
             "prefix_queries": d["prefix_cache_queries"], "prefix_hits": d["prefix_cache_hits"],
-            "cache_lookups": len(lookups), "cache_hits": sum(1 for _, hit in lookups if hit),
+            "cache_lookups": len(lookups), "cache_hits": hits,
             "prompts": len(prefixes), "shared_prompts": sum(1 for _, shared in prefixes if shared),
             "spec_drafted": d["spec_decode_num_draft_tokens"], "spec_accepted": d["spec_decode_num_accepted_tokens"],
             "output_tokens_per_s": rate(d["generation_tokens"]),
@@ -173,7 +176,7 @@ class PerformanceMonitor:
             "kv_cache_usage": float(s.get("kv_cache_usage", 0.0)),
             "preemptions_per_min": (d["num_preemptions"] * 60.0 / dt) if dt else None,
             "prefix_cache_hit_rate": _ratio(d["prefix_cache_hits"], d["prefix_cache_queries"]),
-            "response_cache_hit_rate": _ratio(sum(1 for _, hit in lookups if hit), len(lookups)),
+            "response_cache_hit_rate": _ratio(hits, len(lookups)),
             "spec_acceptance_rate": _ratio(d["spec_decode_num_accepted_tokens"], d["spec_decode_num_draft_tokens"]),
         }
 
@@ -181,8 +184,6 @@ class PerformanceMonitor:
         out: dict[str, Any] = {"t": now, "cpu_util": None, "memory_rss_bytes": None, "memory_total_bytes": None,
                                "gpu_util": None, "gpu_memory_used_bytes": None}
         try:
-            import psutil
-
             if self._proc is None:
                 self._proc = psutil.Process()
                 psutil.cpu_percent(None)  # the first call only starts the measurement
@@ -196,7 +197,7 @@ class PerformanceMonitor:
                     pass
             out["memory_rss_bytes"] = rss
             out["memory_total_bytes"] = psutil.virtual_memory().total
-        except Exception:  # psutil missing or a platform without it
+        except (psutil.Error, OSError):  # a platform psutil cannot read
             pass
         gpus = gpu_readings()
         if gpus:

@@ -43,7 +43,7 @@ from .metrics import ModelMetrics
 from .monitor import MonitorThresholds
 from .openai_serving import OpenAIServing
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .response_cache import ResponseCacheConfig, parse_size
+from .response_cache import ResponseCacheConfig
 from .routing import RequestFeatures, RouteRule, RouterConfig, difficulty_score
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,27 @@ class RegistryConfig:
                    response_cache=ResponseCacheConfig(**rc), monitor=MonitorThresholds(**mon))
 
 
+def parse_size(value: str | int) -> int:
+    """Bytes from an int or a string such as 64MiB, 1GB, 512k."""
+    if isinstance(value, int):
+        return value
+    s = str(value).strip()
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    low = s.lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if low.endswith(unit):
+            number = low[: -len(unit)].strip()
+            try:
+                return int(float(number) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"not a size in bytes: {value!r} (use e.g. 67108864, 64MiB or 1GB)") from None
+
+
 def _num_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -305,9 +326,6 @@ class ModelRegistry:
 
     def known_names(self) -> list[str]:
         return [*self._names, *([self.router.name] if self.router else [])]
-
-    def any_available(self) -> bool:
-        return any(m.status == "ok" for m in self.models.values())
 
     def chain(self, first: ServedModel) -> list[ServedModel]:
         """The model and its fallbacks, in order, each once."""

@@ -25,7 +25,7 @@ from ..sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 KEY_VERSION = "v1"
-_IGNORED_PARAMS = {"timeout"}  # fields of SamplingParams that never change the output
+_IGNORED_PARAMS = {"timeout", "stop_strings"}  # SamplingParams fields that never change the output, or are derived
 
 
 def is_cacheable(params: SamplingParams) -> bool:
@@ -36,31 +36,10 @@ def is_cacheable(params: SamplingParams) -> bool:
 def cache_key(model: str, kind: str, prompts: list[list[int]], params: SamplingParams, **shape: Any) -> str:
     """A stable key for one request: the same model, prompts, sampling fields and response shape give the same
     key in every process."""
-    fields = {k: v for k, v in dataclasses.asdict(params).items() if k not in _IGNORED_PARAMS and k != "stop_strings"}
+    fields = {k: v for k, v in dataclasses.asdict(params).items() if k not in _IGNORED_PARAMS}
     payload = json.dumps({"v": KEY_VERSION, "model": model, "kind": kind, "prompts": prompts, "params": fields,
                           "shape": shape}, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from an int or a string such as 64MiB, 1GB, 512k."""
-    if isinstance(value, int):
-        return value
-    s = str(value).strip()
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
-    low = s.lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if low.endswith(unit):
-            number = low[: -len(unit)].strip()
-            try:
-                return int(float(number) * units[unit])
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise ValueError(f"not a size in bytes: {value!r} (use e.g. 67108864, 64MiB or 1GB)") from None
 
 
 @dataclass
