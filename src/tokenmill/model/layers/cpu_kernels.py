@@ -470,39 +470,48 @@ static void decode_i8_avx512(const at::Tensor& q, const I8Cache& kc, const I8Cac
 }
 
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for M <= 8 rows (decode of a few sequences, or one verifying speculated
-// tokens) in bf16, fp32 accumulation; each row is computed the same whatever M is (batch-invariant).
-// One weight row at a time, two accumulators per x row, software prefetch 1 KiB ahead: on the 2-core test machine
-// this streams the weights at ~18 GB/s where oneDNN's packed kernel reaches ~14 GB/s at one row.
-template <int M>
-static void gemv_rows(const at::BFloat16* xp, int64_t xs, const at::BFloat16* wp, const at::BFloat16* bp,
-                      at::BFloat16* op, int64_t N, int64_t K) {
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    const int64_t NC = K / 32;
+// tokens) in bf16, fp32 accumulation; each row is computed the same whatever M is (batch-invariant): every output is
+// one dot-product chain over K in order, then a 16-way shuffle-tree reduction shared by 16 outputs.
+// Blocks of 16 weight rows, each row read once for all M x rows (the weights stream from memory once per call).
+// Measured on a 2-core Zen 4 against the one-row-at-a-time kernel this replaced (two accumulators and a horizontal
+// reduction per output): 1.2-1.3x at 1-2 rows, ~1.1x at 5-8 rows. Software prefetch pays only from 5 rows up.
+template <int M, int PF>
+static void gemv_block16(const at::BFloat16* xp, int64_t xs, const at::BFloat16* wp, const at::BFloat16* bp,
+                         at::BFloat16* op, int64_t N, int64_t K) {
+  const int64_t NB = (N + 15) / 16, NC = K / 32;
+  at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
     std::vector<__m512bh> xv(M * NC);
     for (int m = 0; m < M; ++m)
       for (int64_t c = 0; c < NC; ++c) std::memcpy(&xv[m * NC + c], xp + m * xs + c * 32, 64);
-    for (int64_t n = n0; n < n1; ++n) {
-      const at::BFloat16* row = wp + n * K;
-      __m512 a0[M], a1[M];
-      for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
-      int64_t c = 0;
-      for (; c + 2 <= NC; c += 2) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + c * 32) + 1024, _MM_HINT_T0);
-        __m512bh w0, w1;
-        std::memcpy(&w0, row + c * 32, 64);
-        std::memcpy(&w1, row + c * 32 + 32, 64);
-        for (int m = 0; m < M; ++m) {
-          a0[m] = _mm512_dpbf16_ps(a0[m], xv[m * NC + c], w0);
-          a1[m] = _mm512_dpbf16_ps(a1[m], xv[m * NC + c + 1], w1);
+    const char* end = reinterpret_cast<const char*>(wp + std::min<int64_t>(N, b1 * 16) * K);
+    __m512 acc[M][16];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t rows = std::min<int64_t>(16, N - b * 16);
+      const at::BFloat16* blk = wp + b * 16 * K;
+      for (int j = 0; j < rows; ++j) {
+        const at::BFloat16* row = blk + j * K;
+        __m512 a[M];
+        for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < NC; ++c) {
+          if (PF) {
+            const char* p = reinterpret_cast<const char*>(row + c * 32) + PF;
+            if (p < end) _mm_prefetch(p, _MM_HINT_T0);
+          }
+          __m512bh w0;
+          std::memcpy(&w0, row + c * 32, 64);
+          for (int m = 0; m < M; ++m) a[m] = _mm512_dpbf16_ps(a[m], xv[m * NC + c], w0);
         }
+        for (int m = 0; m < M; ++m) acc[m][j] = a[m];
       }
-      if (c < NC) {
-        __m512bh w0;
-        std::memcpy(&w0, row + c * 32, 64);
-        for (int m = 0; m < M; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], xv[m * NC + c], w0);
+      for (int m = 0; m < M; ++m)
+        for (int j = static_cast<int>(rows); j < 16; ++j) acc[m][j] = _mm512_setzero_ps();
+      float bias[16] = {0.f};
+      if (bp)
+        for (int j = 0; j < rows; ++j) bias[j] = to_f<at::BFloat16>(bp[b * 16 + j]);
+      for (int m = 0; m < M; ++m) {
+        const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(reduce16(acc[m]), _mm512_loadu_ps(bias)));
+        std::memcpy(op + m * N + b * 16, &r, 2 * rows);
       }
-      const float b = bp ? to_f<at::BFloat16>(bp[n]) : 0.f;
-      for (int m = 0; m < M; ++m) op[m * N + n] = from_f<at::BFloat16>(_mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m])) + b);
     }
   });
 }
@@ -524,14 +533,14 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::o
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   switch (M) {
-    case 1: gemv_rows<1>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 2: gemv_rows<2>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 3: gemv_rows<3>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 4: gemv_rows<4>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 5: gemv_rows<5>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 6: gemv_rows<6>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 7: gemv_rows<7>(xp, x.stride(0), wp, bp, op, N, K); break;
-    default: gemv_rows<8>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 1: gemv_block16<1, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 2: gemv_block16<2, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 3: gemv_block16<3, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 4: gemv_block16<4, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 5: gemv_block16<5, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 6: gemv_block16<6, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 7: gemv_block16<7, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
+    default: gemv_block16<8, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
   }
   return out;
 }
