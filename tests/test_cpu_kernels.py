@@ -92,16 +92,44 @@ def test_packed_bf16_linear_equals_f_linear(rows):
     torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 def test_small_m_linear_matches_f_linear(ops, rows):
     if not hasattr(ops, "small_m_linear"):
         pytest.skip("no AVX512-BF16 on this CPU")
     torch.manual_seed(5)
-    x = torch.randn(rows, 160, dtype=torch.bfloat16)  # K = 5 x 32: exercises the odd tail chunk
-    w = torch.randn(77, 160, dtype=torch.bfloat16)
+    x = torch.randn(rows, 160, dtype=torch.bfloat16)  # K = 5 x 32
+    w = torch.randn(77, 160, dtype=torch.bfloat16)  # N = 4 blocks of 16 + a partial block of 13
     b = torch.randn(77, dtype=torch.bfloat16)
     torch.testing.assert_close(ops.small_m_linear(x, w, b), F.linear(x, w, b), atol=0.1, rtol=1e-2)
     torch.testing.assert_close(ops.small_m_linear(x, w, None), F.linear(x, w), atol=0.1, rtol=1e-2)
+    # batch-invariant: each row is bit-identical to the same row multiplied alone (speculative verification relies
+    # on it to reproduce plain decoding)
+    alone = torch.cat([ops.small_m_linear(x[i : i + 1], w, b) for i in range(rows)])
+    assert torch.equal(ops.small_m_linear(x, w, b), alone)
+
+
+def test_weights_on_huge_pages_keep_values_and_ties():
+    from tokenmill.model.layers.hugepages import move_weights_to_huge_pages
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(1000, 64).to(torch.bfloat16)
+    head = Linear(64, 1000, bias=False).to(torch.bfloat16)
+    head.weight = emb.weight  # tied
+    other = Linear(64, 2048).to(torch.bfloat16)
+    model = torch.nn.ModuleList([emb, head, other])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved = move_weights_to_huge_pages(model)
+    if not moved:
+        pytest.skip("not Linux")
+    assert moved >= (1000 * 64 + 2048 * 64) * 2
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert head.weight is emb.weight
+    # both large weights live in one arena; the small bias stays where it was
+    assert emb.weight.untyped_storage().data_ptr() == other.weight.untyped_storage().data_ptr()
+    assert other.bias.untyped_storage().data_ptr() != other.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(other(x), F.linear(x, before["2.weight"], before["2.bias"]))
 
 
 def test_fp32_linear_is_not_packed():

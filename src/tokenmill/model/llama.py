@@ -11,6 +11,7 @@ from torch import nn
 from ..config import ModelConfig
 from .layers.activation import silu_and_mul
 from .layers.attention import AttentionMetadata, PagedAttention
+from .layers.hugepages import move_weights_to_huge_pages
 from .layers.linear import Linear, pack_linear_weights
 from .layers.norm import RMSNorm
 from ..quant.apply import install_quantized
@@ -95,12 +96,13 @@ class LlamaForCausalLM(nn.Module):
 
     def prepare_for_inference(self) -> None:
         """Called once after loading: device-specific weight layouts (oneDNN-packed bf16 linears on CPU, int4
-        kernel packs)."""
+        kernel packs, weights on huge pages)."""
         shared = {id(self.embed_tokens.weight)} if isinstance(self.embed_tokens, nn.Embedding) else set()
         pack_linear_weights(self, shared=shared)
         for module in self.modules():
             if isinstance(module, QuantLinear):
                 module.prepare()
+        move_weights_to_huge_pages(self)
 
     def forward(
         self,
