@@ -1,9 +1,9 @@
 """decode-1 (../shared/WORKLOADS.md): one request, 16-token ShareGPT prompt, 256 new tokens, greedy; tokenmill
 (in-process engine, bf16 weights) against llama-cpp-python (in-process `Llama`, the shipped Q4_1 GGUF, greedy,
 repeat penalty off) in the same run. Decode tokens/s = (tokens - 1) / (time of last token - time of first);
-median of --repeats runs each. Writes benchmarks/results/decode1_cpu.{json,png}.
+median of --repeats runs each, the two engines alternating run by run. Writes benchmarks/results/decode1_cpu.{json,png}.
 
-    python benchmarks/bench_decode1.py [--repeats 3] [--threads 2]
+    python benchmarks/bench_decode1.py [--repeats 7] [--threads 2]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(ROOT, "src") not in sys.path:
@@ -27,17 +27,16 @@ from tokenmill.bench.workloads import (  # noqa: E402
 )
 
 
-def tokenmill_runs(prompt: list[int], max_tokens: int, repeats: int, dtype: str) -> dict[str, Any]:
+def tokenmill_runner(prompt: list[int], max_tokens: int, dtype: str) -> Callable[[], dict[str, float]]:
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(dtype=dtype, kv_cache_bytes=256 * 2**20)
-    engine = llm.engine
+    engine = LLM(dtype=dtype, kv_cache_bytes=256 * 2**20).engine
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
-    runs = []
-    for r in range(repeats + 1):  # the first run warms up
-        wait_quiet()
+    count = iter(range(10**9))
+
+    def run() -> dict[str, float]:
         t0 = time.perf_counter()
-        engine.add_request(f"d{r}", None, params, prompt_token_ids=prompt)
+        engine.add_request(f"d{next(count)}", None, params, prompt_token_ids=prompt)
         stamps: list[float] = []
         seen = 0
         while engine.has_unfinished_requests():
@@ -46,23 +45,20 @@ def tokenmill_runs(prompt: list[int], max_tokens: int, repeats: int, dtype: str)
                 if n > seen:
                     stamps.extend([time.perf_counter()] * (n - seen))
                     seen = n
-        if r:
-            runs.append({"ttft_s": stamps[0] - t0, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                         "tokens": len(stamps)})
-    return {"dtype": dtype, "runs": runs, "decode_tok_s": statistics.median(x["decode_tok_s"] for x in runs),
-            "ttft_s": statistics.median(x["ttft_s"] for x in runs)}
+        return _run_stats(t0, stamps)
+
+    return run
 
 
-def llamacpp_runs(prompt: list[int], max_tokens: int, repeats: int, threads: int) -> dict[str, Any]:
+def llamacpp_runner(prompt: list[int], max_tokens: int, threads: int) -> Callable[[], dict[str, float]] | None:
     try:
         from llama_cpp import Llama
     except ImportError:
-        return {"error": "llama-cpp-python is not installed"}
+        return None
     llm = Llama(model_path=smollm2_gguf_path(), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
-    runs = []
-    for r in range(repeats + 1):
-        wait_quiet()
+
+    def run() -> dict[str, float]:
         llm.reset()
         t0 = time.perf_counter()
         stamps = []
@@ -70,17 +66,36 @@ def llamacpp_runs(prompt: list[int], max_tokens: int, repeats: int, threads: int
             stamps.append(time.perf_counter())
             if len(stamps) == max_tokens:
                 break
-        if r:
-            runs.append({"ttft_s": stamps[0] - t0, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                         "tokens": len(stamps)})
-    return {"weights": "Q4_1 GGUF as shipped", "threads": threads, "runs": runs,
-            "decode_tok_s": statistics.median(x["decode_tok_s"] for x in runs),
+        return _run_stats(t0, stamps)
+
+    return run
+
+
+def _run_stats(t0: float, stamps: list[float]) -> dict[str, float]:
+    return {"ttft_s": stamps[0] - t0, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "tokens": len(stamps)}
+
+
+def interleaved(runners: dict[str, Callable[[], dict[str, float]]], repeats: int) -> dict[str, list[dict]]:
+    """One run of each engine per round, alternating, after one warm-up round: both see the same machine noise."""
+    runs: dict[str, list[dict]] = {name: [] for name in runners}
+    for r in range(repeats + 1):
+        for name, run in runners.items():
+            wait_quiet()
+            stats = run()
+            if r:
+                runs[name].append(stats)
+    return runs
+
+
+def summary(runs: list[dict]) -> dict[str, Any]:
+    return {"runs": runs, "decode_tok_s": statistics.median(x["decode_tok_s"] for x in runs),
             "ttft_s": statistics.median(x["ttft_s"] for x in runs)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -91,8 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"benchmark": "decode-1", "machine": basic_machine_info(),
                                "workload": {"prompt_tokens": len(prompt), "max_tokens": max_tokens},
                                "bandwidth": measure_bandwidth()}
-    results["tokenmill"] = tokenmill_runs(prompt, max_tokens, args.repeats, args.dtype)
-    results["llama-cpp-python"] = llamacpp_runs(prompt, max_tokens, args.repeats, args.threads)
+    runners = {"tokenmill": tokenmill_runner(prompt, max_tokens, args.dtype)}
+    llama = llamacpp_runner(prompt, max_tokens, args.threads)
+    if llama is not None:
+        runners["llama-cpp-python"] = llama
+    runs = interleaved(runners, args.repeats)
+    results["tokenmill"] = {"dtype": args.dtype, **summary(runs["tokenmill"])}
+    results["llama-cpp-python"] = (
+        {"weights": "Q4_1 GGUF as shipped", "threads": args.threads, **summary(runs["llama-cpp-python"])}
+        if llama is not None else {"error": "llama-cpp-python is not installed"})
     lc = results["llama-cpp-python"].get("decode_tok_s")
     if lc:
         results["ratio_tokenmill_vs_llamacpp"] = results["tokenmill"]["decode_tok_s"] / lc

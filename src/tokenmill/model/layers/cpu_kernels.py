@@ -473,9 +473,11 @@ static void decode_i8_avx512(const at::Tensor& q, const I8Cache& kc, const I8Cac
 // tokens) in bf16, fp32 accumulation; each row is computed the same whatever M is (batch-invariant): every output is
 // one dot-product chain over K in order, then a 16-way shuffle-tree reduction shared by 16 outputs.
 // Blocks of 16 weight rows, each row read once for all M x rows (the weights stream from memory once per call).
-// Measured on a 2-core Zen 4 against the one-row-at-a-time kernel this replaced (two accumulators and a horizontal
-// reduction per output): 1.2-1.3x at 1-2 rows, ~1.1x at 5-8 rows. Software prefetch pays only from 5 rows up.
-template <int M, int PF>
+// Every 64-byte line is prefetched into L2 8 KiB ahead, so the stream does not wait on the dot products: measured on
+// a 2-core Zen 4 for SmolLM2's linears (weights from DRAM) this holds ~30 GB/s, ~9 ms per model pass, flat from 1 to
+// 8 rows; without the prefetch 1 row took the same but 5 rows 14 ms and 8 rows 15 ms, and the one-row-at-a-time
+// kernel this replaced (two accumulators and a horizontal reduction per output) 9-13 ms.
+template <int M>
 static void gemv_block16(const at::BFloat16* xp, int64_t xs, const at::BFloat16* wp, const at::BFloat16* bp,
                          at::BFloat16* op, int64_t N, int64_t K) {
   const int64_t NB = (N + 15) / 16, NC = K / 32;
@@ -493,10 +495,8 @@ static void gemv_block16(const at::BFloat16* xp, int64_t xs, const at::BFloat16*
         __m512 a[M];
         for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
         for (int64_t c = 0; c < NC; ++c) {
-          if (PF) {
-            const char* p = reinterpret_cast<const char*>(row + c * 32) + PF;
-            if (p < end) _mm_prefetch(p, _MM_HINT_T0);
-          }
+          const char* p = reinterpret_cast<const char*>(row + c * 32) + 8192;
+          if (p < end) _mm_prefetch(p, _MM_HINT_T1);
           __m512bh w0;
           std::memcpy(&w0, row + c * 32, 64);
           for (int m = 0; m < M; ++m) a[m] = _mm512_dpbf16_ps(a[m], xv[m * NC + c], w0);
@@ -533,14 +533,14 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::o
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   switch (M) {
-    case 1: gemv_block16<1, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 2: gemv_block16<2, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 3: gemv_block16<3, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 4: gemv_block16<4, 0>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 5: gemv_block16<5, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 6: gemv_block16<6, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
-    case 7: gemv_block16<7, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
-    default: gemv_block16<8, 4096>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 1: gemv_block16<1>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 2: gemv_block16<2>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 3: gemv_block16<3>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 4: gemv_block16<4>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 5: gemv_block16<5>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 6: gemv_block16<6>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 7: gemv_block16<7>(xp, x.stride(0), wp, bp, op, N, K); break;
+    default: gemv_block16<8>(xp, x.stride(0), wp, bp, op, N, K); break;
   }
   return out;
 }
