@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens (the engine default)")
+    p.add_argument("--k", type=int, default=7, help="num_speculative_tokens (the engine default)")
     p.add_argument("--draft-layers", type=int, default=8, help="layers of the self-speculative draft (of 30)")
     p.add_argument("--load-repeats", type=int, default=3, help="timed sharegpt-128 runs per config; 0: skip")
     p.add_argument("--dtype", default="bfloat16")

@@ -317,11 +317,29 @@ def test_verifiers_on_hand_made_distributions():
         (dict(speculative_method="draft"), "speculative_model"),
         (dict(speculative_method="self", speculative_draft_layers=0), "speculative_draft_layers"),
         (dict(speculative_method="ngram", speculative_disable_by_batch_size=0), "disable_by_batch_size"),
+        (dict(speculative_method="ngram", speculative_max_verify_rows=1), "max_verify_rows"),
     ],
 )
 def test_bad_speculative_settings_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**kwargs)
+
+
+def test_verify_rows_cap_shares_rows_and_keeps_greedy_output(target, reference, tiny_model_factory):
+    """max_verify_rows 6 with 5 running sequences leaves 1 row to share: nobody speculates; with 2 running, 2 rows
+    each. Output is plain greedy output either way."""
+    plain, _ = reference
+    llm = LLM(target, dtype="float32", block_size=4, num_blocks=512, speculative_max_verify_rows=6, **SPEC,
+              **_method_kwargs("draft_same", target, tiny_model_factory))
+    prompts = _prompts()
+    assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == plain
+    assert llm.engine.stats()["spec_decode_num_draft_tokens"] == 0
+    outs = llm.generate(prompts[:2], GREEDY, use_tqdm=False)
+    assert _tokens(outs) == plain[:2]
+    stats = llm.engine.stats()
+    assert 0 < stats["spec_decode_num_draft_tokens"] <= 2 * stats["spec_decode_num_drafts"]
+    assert max(o.metrics.spec_draft_tokens for o in outs) > 0
+    assert _all_free(llm)
 
 
 def test_draft_with_other_vocabulary_refused(target, tiny_llama_dir):
@@ -407,3 +425,5 @@ def test_bf16_verification_reproduces_plain_decoding_bit_for_bit(smollm2_gguf_pa
         assert spec.chat(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want
     assert spec.engine.stats()["spec_decode_num_accepted_tokens"] > 10
     assert _all_free(spec)
+    # the small-row kernel's default cap (1 to 8 rows cost one plain step); the float32 tiny models have none
+    assert spec.engine.spec.max_rows == (8 if not options.get("quantization") else None)

@@ -35,13 +35,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-method", default=None, choices=list(SPEC_METHODS),
                    help="speculative decoding (default off): ngram = prompt lookup, draft = --speculative-model, "
                         "self = the model's first --speculative-draft-layers layers as its own draft")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+    p.add_argument("--num-speculative-tokens", type=int, default=7, metavar="K",
                    help=f"most tokens proposed per step (1..{MAX_SPECULATIVE_TOKENS}; adaptive per sequence)")
     p.add_argument("--speculative-model", default=None, help="draft model sharing the target's tokenizer")
     p.add_argument("--speculative-draft-layers", type=int, default=None, metavar="K",
                    help="layers of the self-speculative draft (default: a quarter of the model's)")
     p.add_argument("--speculative-disable-by-batch-size", type=int, default=8, metavar="N",
                    help="no speculation while more than N sequences run")
+    p.add_argument("--speculative-max-verify-rows", type=int, default=None, metavar="R",
+                   help="most decode rows per step, proposed tokens included (default: 8 with the CPU bf16 kernel, "
+                        "where up to 8 rows cost one plain step; no cap elsewhere)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -65,6 +68,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         speculative_model=args.speculative_model,
         speculative_draft_layers=args.speculative_draft_layers,
         speculative_disable_by_batch_size=args.speculative_disable_by_batch_size,
+        speculative_max_verify_rows=args.speculative_max_verify_rows,
     )
 
 

@@ -207,13 +207,16 @@ MAX_SPECULATIVE_TOKENS = 16
 @dataclass
 class SpeculativeConfig:
     """Speculative decoding: `method` None is off. k = num_speculative_tokens is the most tokens proposed per step
-    (adaptive k lowers it per sequence); no sequence speculates while more than `disable_by_batch_size` run."""
+    (adaptive k lowers it per sequence); no sequence speculates while more than `disable_by_batch_size` run.
+    `max_verify_rows` caps the decode rows of a step (each speculating sequence's 1 + k, 1 for the others): None
+    means 8 where the linears run the CPU small-row bf16 kernel (1 to 8 rows in the time of one), else no cap."""
 
     method: str | None = None
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 7
     model: str | None = None  # the draft model ("draft")
     draft_layers: int | None = None  # K of the self-speculative draft (default: a quarter of the layers)
     disable_by_batch_size: int = 8
+    max_verify_rows: int | None = None
     ngram_max: int = 3
     ngram_min: int = 1
 
@@ -233,6 +236,9 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_draft_layers must be >= 1, got {self.draft_layers}")
         if self.disable_by_batch_size < 1:
             raise ValueError(f"speculative_disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
+        if self.max_verify_rows is not None and self.max_verify_rows < 2:
+            raise ValueError(f"speculative_max_verify_rows must be >= 2 (one sequence and one proposed token), "
+                             f"got {self.max_verify_rows}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= speculative_ngram_min <= speculative_ngram_max, got {self.ngram_min}, "
                              f"{self.ngram_max}")
@@ -270,10 +276,11 @@ class EngineConfig:
     # speculative decoding (off by default): "ngram" (prompt lookup), "draft" (speculative_model), "self" (the
     # target's first speculative_draft_layers layers); see SpeculativeConfig
     speculative_method: str | None = None
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 7
     speculative_model: str | None = None
     speculative_draft_layers: int | None = None
     speculative_disable_by_batch_size: int = 8
+    speculative_max_verify_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -304,6 +311,7 @@ class EngineConfig:
             model=self.speculative_model,
             draft_layers=self.speculative_draft_layers,
             disable_by_batch_size=self.speculative_disable_by_batch_size,
+            max_verify_rows=self.speculative_max_verify_rows,
         )
 
     def resolve_device(self) -> torch.device:

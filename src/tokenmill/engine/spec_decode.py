@@ -223,8 +223,10 @@ def greedy_verify(target: list[int], drafts: list[int]) -> Verdict:
 class SpecDecoder:
     """Plans k per sequence, runs the proposer, verifies, and counts (the engine applies the verdicts)."""
 
-    def __init__(self, config: SpeculativeConfig, sampler: Sampler, proposer, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, sampler: Sampler, proposer, max_model_len: int,
+                 max_rows: int | None = None) -> None:
         self.config = config
+        self.max_rows = max_rows  # decode rows per step, proposals included (None: no cap)
         self.sampler = sampler
         self.proposer = proposer
         self.max_model_len = max_model_len
@@ -242,9 +244,13 @@ class SpecDecoder:
         off = len(running) > self.config.disable_by_batch_size
         for seq in running:
             seq.num_lookahead = 0
-            if off or seq.num_tokens - seq.num_computed_tokens != 1 or not eligible(seq):
-                continue
+        candidates = [] if off else [s for s in running if s.num_tokens - s.num_computed_tokens == 1 and eligible(s)]
+        # The rows left under max_rows are shared equally: speculation never makes the step a bigger matmul.
+        share = None if self.max_rows is None else (self.max_rows - len(running)) // max(1, len(candidates))
+        for seq in candidates:
             k = self._k_for(seq)
+            if share is not None:
+                k = min(k, share)
             if k <= 0:
                 continue
             if self.proposer.before_schedule:
