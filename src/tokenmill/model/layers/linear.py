@@ -5,9 +5,10 @@ format and multiplied with oneDNN's linear kernel: measured on a 2-core Sapphire
 is 1.8-2.2x faster than `F.linear` at 1-128 rows (the whole per-step matmul time at batch 16 drops from ~16 to
 ~8.5 ms) and bit-identical to it. For 1-8 rows (decoding a few sequences, or one sequence verifying speculated
 tokens, where the weights are streamed from memory once per step) the dense weight is kept and multiplied by a
-streaming AVX512-BF16 kernel (cpu_kernels.small_m_linear), which reaches ~25 GB/s on a 2-core Zen 4 (34 GB/s read
-bandwidth) where oneDNN reaches ~14 GB/s at one row, and computes each row the same whatever the row count (so speculative verification reproduces plain
-decoding bit for bit); without that kernel the dense copy is released.
+streaming AVX512-BF16 kernel (cpu_kernels.small_m_linear), which holds ~30 GB/s for 1 to 8 rows on a 2-core Zen 4
+(34 GB/s read bandwidth; weights on huge pages, see hugepages.py) where oneDNN reaches ~14 GB/s at one row, and
+computes each row the same whatever the row count (so speculative verification reproduces plain decoding bit for
+bit); without that kernel the dense copy is released.
 """
 from __future__ import annotations
 
