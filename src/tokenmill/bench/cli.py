@@ -21,17 +21,13 @@ import os
 import time
 from typing import Any
 
-from ..argtypes import non_negative_int, positive_float, positive_int
+from ..argtypes import non_negative_int, parse_number, positive_float, positive_int
 from . import workloads as wl
 
 logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- arg types
-
-
-
-
 
 
 def _concurrency_list(s: str) -> list[int]:
@@ -41,10 +37,7 @@ def _concurrency_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {s!r}")
     out = []
     for p in parts:
-        try:
-            v = int(p)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected positive integers, got {p!r}") from None
+        v = parse_number(p, int, "positive integers")
         if v < 1:
             raise argparse.ArgumentTypeError(f"concurrency must be >= 1, got {v}")
         out.append(v)
@@ -54,22 +47,14 @@ def _concurrency_list(s: str) -> list[int]:
 def _rate(s: str) -> float:
     if s.strip().lower() in ("inf", "infinity"):
         return math.inf
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected requests/s or 'inf', got {s!r}") from None
+    v = parse_number(s, float, "requests/s or 'inf'")
     if not v > 0 or math.isnan(v):
         raise argparse.ArgumentTypeError(f"must be > 0 (or inf), got {s}")
     return v
 
 
-
-
 def _range_ratio(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    v = parse_number(s, float, "a number")
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
