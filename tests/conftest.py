@@ -30,10 +30,14 @@ def smollm2_hf_tokenizer(smollm2_gguf_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(smollm2_hf_tokenizer, tmp_path_factory) -> str:
-    """A HF tokenizer directory (tokenizer.json, tokenizer_config.json, chat template) for SmolLM2."""
+def smollm2_tokenizer_dir(request, tmp_path_factory) -> str:
+    """A HF tokenizer directory (tokenizer.json, tokenizer_config.json, chat template) for SmolLM2. On a machine
+    without the GGUF (the GPU machine, where it cannot be installed) $TOKENMILL_SMOLLM2_TOKENIZER may name one."""
+    saved = os.environ.get("TOKENMILL_SMOLLM2_TOKENIZER")
+    if saved:
+        return saved
     path = str(tmp_path_factory.mktemp("smollm2_tokenizer"))
-    smollm2_hf_tokenizer.save_pretrained(path)
+    request.getfixturevalue("smollm2_hf_tokenizer").save_pretrained(path)
     return path
 
 

@@ -14,6 +14,7 @@ from .config import DTYPES, KV_CACHE_DTYPES, MAX_SPECULATIVE_TOKENS, SPEC_METHOD
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda or cuda:N")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -22,6 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="exact number of KV-cache blocks (overrides the budget)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="KV-cache storage: auto = the model dtype; int8 = int8 values with a float16 scale per token "
                         "per KV head (about half the bytes of bf16)")
@@ -51,6 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=args.model,
         dtype=args.dtype,
+        device=args.device,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -59,6 +63,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         num_blocks=args.num_blocks,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_window=args.kv_window,
         kv_sinks=args.kv_sinks,

@@ -263,6 +263,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     num_threads: int | None = None
+    # CUDA: decode steps replay CUDA graphs captured at start-up (engine/cuda_graphs.py) unless this is set
+    enforce_eager: bool = False
     # KV-cache storage: "auto" = the model dtype, "int8" = int8 values with a float16 scale per token per KV head
     kv_cache_dtype: str = "auto"
     # StreamingLLM-style attention: each token sees the first kv_sinks tokens and the last kv_window ones; blocks in
@@ -315,9 +317,11 @@ class EngineConfig:
         )
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if self.device == "auto" else self.device)
+        if device.type == "cuda" and device.index is None:  # tensors report cuda:0; keep comparisons equal
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def resolve_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's storage dtype (torch.int8: the quantised format of kv_cache.py)."""

@@ -141,8 +141,8 @@ def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 def _generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad_id: int, **kw: Any):
     return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
         do_sample=False,
         max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens,  # exactly max_new_tokens: EOS is never allowed to end a row

@@ -173,23 +173,39 @@ def wait_quiet(max_wait: float | None = None, threshold: float = 0.1,
             return waited
 
 
-def measure_bandwidth(mbytes: int = 512, reps: int = 10) -> dict[str, float]:
-    """Large-tensor memory bandwidth in GB/s: copy (read + write bytes counted), read-only (sum), matvec."""
+def _timer(device: str) -> Callable[[], float]:
+    """A clock that first waits for the device's queued work (CUDA runs asynchronously)."""
     import torch
 
+    if device == "cpu":
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
+def measure_bandwidth(mbytes: int = 512, reps: int = 10, device: str = "cpu") -> dict[str, float]:
+    """Large-tensor memory bandwidth in GB/s: copy (read + write bytes counted), read-only (sum), matvec; on
+    `device` (cpu, or cuda for the GPU's own memory)."""
+    import torch
+
+    clock = _timer(device)
     n = mbytes * (1 << 20) // 4
-    src = torch.ones(n, dtype=torch.float32)
+    src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in
     src.sum()
     copy_t, read_t = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         dst.copy_(src)
-        copy_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        copy_t.append(clock() - t0)
+        t0 = clock()
         src.sum()
-        read_t.append(time.perf_counter() - t0)
+        read_t.append(clock() - t0)
     nbytes = src.numel() * src.element_size()
     res = {
         "buffer_mb": mbytes,
@@ -198,35 +214,36 @@ def measure_bandwidth(mbytes: int = 512, reps: int = 10) -> dict[str, float]:
     }
     del src, dst
     # the decode access pattern: one matrix-vector product streaming a weight matrix
-    mat = torch.ones(n // 4096, 4096, dtype=torch.float32)
-    vec = torch.ones(4096, dtype=torch.float32)
+    mat = torch.ones(n // 4096, 4096, dtype=torch.float32, device=device)
+    vec = torch.ones(4096, dtype=torch.float32, device=device)
     torch.mv(mat, vec)
     mv_t = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         torch.mv(mat, vec)
-        mv_t.append(time.perf_counter() - t0)
+        mv_t.append(clock() - t0)
     res["matvec_gb_s"] = mat.numel() * mat.element_size() / min(mv_t) / 1e9
     del mat, vec
     return res
 
 
 def measure_matmul(n: int = 2048, reps: int = 5,
-                   dtypes: Sequence[str] = ("bfloat16", "float32")) -> dict[str, float]:
+                   dtypes: Sequence[str] = ("bfloat16", "float32"), device: str = "cpu") -> dict[str, float]:
     """Peak GFLOP/s of an n x n x n matmul per dtype (best of ``reps``), as ``{dtype}_gflop_s``."""
     import torch
 
+    clock = _timer(device)
     out: dict[str, float] = {"n": n}
     for name in dtypes:
         dt = _torch_dtype(name)
-        a = torch.randn(n, n).to(dt)
-        b = torch.randn(n, n).to(dt)
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
         torch.mm(a, b)  # warm-up (picks the kernel, e.g. oneDNN AMX for bf16)
         best = float("inf")
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         out[f"{name}_gflop_s"] = 2 * n**3 / best / 1e9
         del a, b
     return out

@@ -17,6 +17,7 @@ from ..model.layers.attention import configure_windows, layer_windows
 from ..model.layers.linear import SMALL_M_ROWS, Linear
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
+from .cuda_graphs import MAX_GRAPH_ROWS
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler, SamplingRow, compute_logprobs
@@ -77,6 +78,8 @@ class LLMEngine:
             logger.warning("max_model_len lowered from %d to the KV-cache capacity %d", self.max_model_len, capacity)
             self.max_model_len = capacity
         self.runner.allocate_kv_cache(num_blocks, cache.block_size)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_cuda_graphs(min(config.max_num_seqs, MAX_GRAPH_ROWS), self.max_model_len, self.dtype)
         # Blocks can leave a sequence's view only when no layer attends to the whole context.
         drop_window = max(windows) if windows and all(w is not None for w in windows) else None
         if self.kv_window is not None:

@@ -12,6 +12,7 @@ from ..config import CacheConfig, ModelConfig
 from ..model.layers.attention import AttentionMetadata, PrefillSpan
 from ..model.layers.cpu_kernels import cpu_ops
 from ..model.layers.kv_cache import KVCache, QuantizedKVCache, new_kv_cache
+from .cuda_graphs import DecodeGraphs, graphs_supported
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class ModelRunner:
         self.kv_dtype = kv_dtype  # torch.int8: the quantised cache of kv_cache.py
         self.kv_caches: list[KVCache] = []
         self.block_size = 0
+        self.pad_block: int | None = None  # CUDA: a scratch block past the allocator's, written by graph padding rows
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def block_bytes(self, block_size: int) -> int:
@@ -96,7 +99,8 @@ class ModelRunner:
         if cache.kv_cache_bytes is not None:
             budget = cache.kv_cache_bytes
         elif self.device.type == "cuda":
-            budget = self._cuda_budget(cache)
+            # Room for every sequence at full length is enough; more only feeds the prefix cache.
+            budget = min(self._cuda_budget(cache), max_tokens_needed * self.cfg.kv_bytes_per_token(self.kv_dtype))
         else:
             budget = int(available_memory_bytes() * cache.memory_fraction)
             # More than the configured batch can ever hold only feeds the prefix cache; past a few GiB the
@@ -131,7 +135,9 @@ class ModelRunner:
         # NaN: zero the cache for it. The CPU kernels read only valid slots, so on CPU the cache stays unwritten and
         # the OS commits pages only as blocks are used (fast start, resident memory grows with actual use).
         zeroed = not (self.device.type == "cpu" and cpu_ops() is not None)
-        self.kv_caches = self._new_caches(num_blocks, block_size, zeroed)
+        cuda = self.device.type == "cuda"
+        self.kv_caches = self._new_caches(num_blocks + int(cuda), block_size, zeroed)
+        self.pad_block = num_blocks if cuda else None
         self.block_size = block_size
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",
@@ -140,6 +146,24 @@ class ModelRunner:
             num_blocks * self.block_bytes(block_size) / 2**20,
             self.kv_dtype,
         )
+
+    def capture_cuda_graphs(self, max_rows: int, max_model_len: int, dtype: torch.dtype) -> bool:
+        """Captures the decode graphs (cuda_graphs.py) for up to `max_rows` rows of up to `max_model_len` tokens;
+        returns whether decode steps will replay them."""
+        why = graphs_supported(self.model, self.kv_caches, dtype) if self.pad_block is not None else "not on CUDA"
+        if why is not None:
+            logger.info("CUDA graphs off: %s", why)
+            return False
+        ensure_rope_positions(self.model, max_model_len)
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, self.pad_block, max_rows,
+                              -(-max_model_len // self.block_size), self.device)
+        try:
+            graphs.capture()
+        except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail to start
+            logger.warning("CUDA graph capture failed, decode runs eagerly: %s", e)
+            return False
+        self.graphs = graphs
+        return True
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -242,6 +266,10 @@ class ModelRunner:
             logits_idx.append(len(input_ids) - 1)  # the model always returns at least one row
 
         ensure_rope_positions(self.model, num_positions)
+        graphs = self.graphs
+        if (graphs is not None and not prefills and len(logits_idx) == len(input_ids)
+                and graphs.can_run(len(input_ids), max(len(t) for t in dec_tables))):
+            return graphs.run(input_ids, positions, slots, dec_tables, dec_lens), layout
         dev = self.device
         meta = batch_metadata(slots, dec_tables, dec_lens, prefills, bs, dev)
         with torch.inference_mode():

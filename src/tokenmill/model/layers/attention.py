@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import triton_kernels
 from .cpu_kernels import cpu_ops
 from .kv_cache import KVCache, QuantizedKVCache, gather_blocks, gather_slots, store_kv
 from .rotary import RopeInputs, apply_rotary
@@ -73,9 +74,9 @@ class AttentionMetadata:
 
 
 class PagedAttention:
-    """Paged attention. Prefill: torch SDPA (tiled flash kernel on CPU, flash/mem-efficient on CUDA). Decode: on CPU
-    the compiled paged kernel (cpu_kernels.py) that reads blocks in place; elsewhere, or when it cannot be built,
-    SDPA over the gathered blocks."""
+    """Paged attention. Prefill: torch SDPA (tiled flash kernel on CPU, flash/mem-efficient on CUDA). Decode: kernels
+    that read the blocks in place, the compiled one of cpu_kernels.py on CPU and the Triton one of triton_kernels.py
+    on CUDA; elsewhere, or when they cannot serve the layer, SDPA over the gathered blocks."""
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None, sinks: int = 0
@@ -128,6 +129,12 @@ class PagedAttention:
             out[s : s + n] = self._prefill(q[s : s + n], k[s : s + n], v[s : s + n], kv_cache, span)
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 
+    def uses_triton_decode(self, kv_cache: KVCache, dtype: torch.dtype) -> bool:
+        """Whether decode runs the Triton kernel: CUDA, a bf16/fp16 cache in the model dtype, no attention sinks.
+        Its launches are capturable by CUDA graphs; the gather fallback is not (it sizes tensors from lengths)."""
+        return (kv_cache.device.type == "cuda" and not isinstance(kv_cache, QuantizedKVCache)
+                and triton_kernels.supports(dtype, kv_cache.dtype, self.head_dim, self.sinks))
+
     def _decode(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         bt, lens = meta.decode_block_tables, meta.decode_context_lens
         assert bt is not None and lens is not None
@@ -140,6 +147,8 @@ class PagedAttention:
         if ops is not None and q.dtype == kv_cache.dtype:
             return ops.paged_decode(q.contiguous(), kv_cache[0], kv_cache[1], bt, lens, window, self.scale,
                                     self.sinks)
+        if self.uses_triton_decode(kv_cache, q.dtype):
+            return triton_kernels.paged_decode(q, kv_cache[0], kv_cache[1], bt, lens, self.scale, self.window)
         # Portable path: gather each sequence's context (padded to the longest) and run SDPA.
         b, max_blocks = bt.shape
         _, _, block_size, hkv, d = kv_cache.shape
