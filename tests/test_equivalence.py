@@ -121,7 +121,7 @@ def test_prompt_logits_match_transformers(tiny):
     arch, path, ref = tiny
     prompt = _prompts(ref.config.vocab_size, [21], seed=4)[0]
     llm = LLM(path, dtype="float32")
-    ours = llm.engine.runner.prompt_logits(torch.tensor(prompt))
+    ours = llm.engine.runner.prompt_logits(torch.tensor(prompt)).cpu()
     with torch.inference_mode():
         theirs = ref(torch.tensor([prompt])).logits[0].float()
     assert (ours - theirs).abs().max().item() < 1e-4

@@ -93,7 +93,8 @@ class PagedAttention:
         self, qkv: torch.Tensor, rope: RopeInputs, kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Splits a fused QKV output [T, (Hq + 2 Hkv) D] into q, k, v, applies RoPE to q and k and writes k, v to
-        their cache slots (quantised for an int8 cache). On CPU one fused kernel does it all in place."""
+        their cache slots (quantised for an int8 cache). On CPU (cpu_kernels.py) and on CUDA (triton_kernels.py)
+        one fused kernel does it all in place."""
         t, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         quantized = isinstance(kv_cache, QuantizedKVCache)
         fused = qkv.device.type == "cpu" and (quantized or kv_cache.dtype == qkv.dtype)
@@ -107,9 +108,15 @@ class PagedAttention:
             else:
                 ops.rotary_store(qkv, rope.positions, rope.cos_table, rope.sin_table, kv_cache[0], kv_cache[1],
                                  meta.slot_mapping, hq, hkv, d)
+        fused_cuda = (ops is None and not quantized and kv_cache.dtype == qkv.dtype
+                      and triton_kernels.elementwise_available(qkv))
+        if fused_cuda:
+            qkv = qkv.contiguous()
+            triton_kernels.rope_and_store(qkv, rope.positions, rope.cos_table, rope.sin_table, kv_cache[0],
+                                          kv_cache[1], meta.slot_mapping, hq, hkv)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
-        if ops is None:
+        if ops is None and not fused_cuda:
             q, k = apply_rotary(q, k, rope)
             store_kv(kv_cache, meta.slot_mapping, k, v)
         return q, k, v

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import triton_kernels
 from .cpu_kernels import cpu_ops
 
 
@@ -18,6 +19,8 @@ class RMSNorm(nn.Module):
         ops = cpu_ops() if x.device.type == "cpu" else None
         if ops is not None:
             return ops.rms_norm(x, self.weight, self.eps)
+        if x.dim() == 2 and triton_kernels.elementwise_available(x):
+            return triton_kernels.rms_norm(x, self.weight, self.eps)[0]
         return self._norm(x)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +28,8 @@ class RMSNorm(nn.Module):
         ops = cpu_ops() if x.device.type == "cpu" else None
         if ops is not None:
             return ops.add_rms_norm(residual, x, self.weight, self.eps), residual
+        if x.dim() == 2 and triton_kernels.elementwise_available(x):
+            return triton_kernels.rms_norm(x, self.weight, self.eps, residual)
         residual = residual + x
         return self._norm(residual), residual
 

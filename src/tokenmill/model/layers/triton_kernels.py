@@ -1,4 +1,8 @@
-"""Paged decode attention for CUDA, written in Triton.
+"""CUDA kernels written in Triton: paged decode attention, and the fused element-wise steps of a decoder layer.
+
+A decode step of a small model is bound by the number of kernels it launches (a few microseconds each, even replayed
+from a CUDA graph), not by bytes or FLOPs. In PyTorch ops one layer is about 40 kernels (RMSNorm alone is 9, RoPE and
+the cache write 16); with the fused kernels below it is 9: two norms, four GEMMs, RoPE+store, attention, SiLU*mul.
 
 One program serves one decode row and one KV head: it loads the query heads that share that KV head once, then walks
 the row's context a tile of tokens at a time, reading K and V straight from their cache blocks through the block table
@@ -41,7 +45,7 @@ def supports(q_dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, sink
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])  # the eager path's block-table width varies step to step
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr,
         qk_scale, window,
@@ -124,3 +128,103 @@ def paged_decode(
         BLOCK_SIZE=block_size, TILE=TILE_TOKENS, PRECISION=_DOT_PRECISION[q.dtype],
     )
     return out
+
+
+# ---- fused element-wise kernels ------------------------------------------------------------------------------------
+
+def elementwise_available(t: torch.Tensor) -> bool:
+    """Whether the fused kernels below serve this tensor (CUDA, with Triton)."""
+    return triton is not None and t.device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        # Rounds where PyTorch (and HF) round: the residual sum and the normalised value in the model dtype.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(res_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)).to(
+                x.dtype)
+            tl.store(res_out_ptr + row * n + cols, x, mask=mask)
+        h = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n + eps)
+        y = (h * rstd).to(x.dtype).to(tl.float32) * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        gate = tl.load(x_ptr + row * 2 * n + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * 2 * n + n + cols, mask=mask, other=0.0).to(tl.float32)
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(out_ptr + row * n + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_store_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_t,
+                           HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+        # Program (token, head) over the fused QKV row: rotates a query or key head in place (rotate-half RoPE)
+        # and writes key and value heads to the token's cache slot.
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        i = tl.arange(0, HALF_PAD)
+        mask = i < HALF
+        base = qkv_ptr + t * stride_t + h * 2 * HALF
+        slot = tl.load(slot_ptr + t)
+        if h < HQ + HKV:
+            pos = tl.load(pos_ptr + t)
+            cos = tl.load(cos_ptr + pos * HALF + i, mask=mask, other=0.0)
+            sin = tl.load(sin_ptr + pos * HALF + i, mask=mask, other=0.0)
+            x1 = tl.load(base + i, mask=mask, other=0.0)
+            x2 = tl.load(base + HALF + i, mask=mask, other=0.0)
+            o1 = (x1.to(tl.float32) * cos - x2.to(tl.float32) * sin).to(x1.dtype)
+            o2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
+            tl.store(base + i, o1, mask=mask)
+            tl.store(base + HALF + i, o2, mask=mask)
+            if h >= HQ:
+                dst = k_cache_ptr + (slot * HKV + (h - HQ)) * 2 * HALF
+                tl.store(dst + i, o1, mask=mask)
+                tl.store(dst + HALF + i, o2, mask=mask)
+        else:
+            dst = v_cache_ptr + (slot * HKV + (h - HQ - HKV)) * 2 * HALF
+            tl.store(dst + i, tl.load(base + i, mask=mask, other=0.0), mask=mask)
+            tl.store(dst + HALF + i, tl.load(base + HALF + i, mask=mask, other=0.0), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm of x [T, N] (of residual + x when given): (normalised, new residual or None)."""
+    x = x.contiguous()
+    t, n = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else None
+    res_in = residual.contiguous() if residual is not None else x
+    _rms_norm_kernel[(t,)](x, res_in, weight, out, res_out if res_out is not None else out, n, eps,
+                           HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return out, res_out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of a fused [T, 2N] projection: silu(gate) * up, [T, N]."""
+    gate_up = gate_up.contiguous()
+    t, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, BLOCK=block)
+    return out
+
+
+def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, hq: int, hkv: int) -> None:
+    """In place on a contiguous fused QKV [T, (hq + 2 hkv) D]: rotates q and k by the float32 tables [P, D/2] at
+    `positions`, and writes k and v to cache `slots` ([num_blocks, block_size, hkv, D] caches, contiguous)."""
+    t, width = qkv.shape
+    half = width // (hq + 2 * hkv) // 2
+    _rope_store_kernel[(t, hq + 2 * hkv)](qkv, positions, cos_table, sin_table, k_cache, v_cache, slots, qkv.stride(0),
+                                          HQ=hq, HKV=hkv, HALF=half, HALF_PAD=triton.next_power_of_2(half))

@@ -1,8 +1,10 @@
-"""The Triton paged decode kernel (CUDA's decode attention, triton_kernels.py) against a float64 reference.
+"""The Triton kernels of the CUDA path (triton_kernels.py): paged decode attention against a float64 reference, and
+the fused RMSNorm, SiLU*mul and RoPE+cache-write kernels against the PyTorch ops they replace.
 
-Without a GPU it runs under Triton's interpreter, in a subprocess because TRITON_INTERPRET must be set before Triton
-is imported (the interpreter's bf16 matrix product is broken, so there it checks float32 and float16); with CUDA it
-runs compiled, in all three dtypes (test_cuda.py)."""
+Without a GPU they run under Triton's interpreter, in a subprocess because TRITON_INTERPRET must be set before Triton
+is imported (the interpreter's bfloat16 is not the GPU's: its matrix product is wrong and it rounds differently, so there the
+kernels are checked in float32 and float16);
+with CUDA they run compiled, in all three dtypes (test_cuda.py)."""
 from __future__ import annotations
 
 import os
@@ -65,6 +67,63 @@ def check_kernel(device: str, dtypes: list[torch.dtype]) -> None:
             assert err < TOLERANCE[dtype], f"{dtype} case {(hq, hkv, d, bs, window)}: relative error {err:.2e}"
 
 
+def check_elementwise(device: str, dtypes: list[torch.dtype]) -> None:
+    import torch.nn.functional as F
+
+    from tokenmill.model.layers import triton_kernels as tk
+    from tokenmill.model.layers.kv_cache import store_kv
+    from tokenmill.model.layers.norm import RMSNorm
+    from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(*shape, dtype):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    def close(got, want, dtype, what):
+        err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert err < TOLERANCE[dtype], f"{what} {dtype}: relative error {err:.2e}"
+
+    for dtype in dtypes:
+        t, n = 5, 576
+        norm = RMSNorm(n, 1e-5).to(dtype)
+        norm.weight.data = rand(n, dtype=dtype)
+        x, res = rand(t, n, dtype=dtype), rand(t, n, dtype=dtype)
+        out, new_res = tk.rms_norm(x.to(device), norm.weight.to(device), 1e-5, res.to(device))
+        assert torch.equal(new_res.cpu(), res + x), f"{dtype}: the residual sum must round as PyTorch rounds it"
+        close(out.cpu(), norm._norm(res + x), dtype, "add+rms_norm")
+        out, none = tk.rms_norm(x.to(device), norm.weight.to(device), 1e-5)
+        assert none is None
+        close(out.cpu(), norm._norm(x), dtype, "rms_norm")
+
+        gate_up = rand(t, 2 * 1536, dtype=dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        close(tk.silu_and_mul(gate_up.to(device)).cpu(), F.silu(gate.float()) * up.float(), dtype, "silu_and_mul")
+
+        hq, hkv, d, bs, nb = 9, 3, 64, 4, 6
+        rotary = RotaryEmbedding(d, 64, 10000.0, None)
+        positions = torch.tensor([0, 7, 3, 63, 20])
+        slots = torch.tensor([5, 0, 17, 9, 22])
+        qkv = rand(t, (hq + 2 * hkv) * d, dtype=dtype)
+        caches = torch.full((2, nb, bs, hkv, d), float("nan"), dtype=dtype)
+        ref_caches = caches.clone()
+        rope = rotary.lookup(positions, dtype)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        rq, rk = apply_rotary(q.reshape(t, hq, d), k.reshape(t, hkv, d), rope)
+        store_kv(ref_caches, slots, rk, v.reshape(t, hkv, d))
+        got = qkv.to(device)
+        dev_caches = caches.to(device)
+        tk.rope_and_store(got, positions.to(device), rotary.cos.to(device), rotary.sin.to(device), dev_caches[0],
+                          dev_caches[1], slots.to(device), hq, hkv)
+        got, dev_caches = got.cpu(), dev_caches.cpu()
+        close(got[:, : hq * d], rq.reshape(t, -1), dtype, "rope q")
+        close(got[:, hq * d : (hq + hkv) * d], rk.reshape(t, -1), dtype, "rope k")
+        assert torch.equal(got[:, (hq + hkv) * d :], v), "v must be left as it is"
+        written = ~torch.isnan(ref_caches)
+        assert torch.equal(~torch.isnan(dev_caches), written), "exactly the slots of the batch must be written"
+        close(dev_caches[written], ref_caches[written], dtype, "cache")
+
+
 def _interpreter_compat() -> None:
     """Triton 3.6's interpreter takes int() of one-element arrays for loop bounds, which NumPy >= 2.3 refuses."""
     import triton.runtime.interpreter as interp
@@ -78,15 +137,16 @@ def _interpreter_compat() -> None:
     interp._patch_lang_tensor = patch
 
 
-def test_kernel_matches_reference_in_interpreter():
+def test_kernels_match_reference_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "kernel ok" in proc.stdout
+    assert "kernels ok" in proc.stdout
 
 
 if __name__ == "__main__":  # the subprocess of the test above
     _interpreter_compat()
     check_kernel("cpu", [torch.float32, torch.float16])
-    print("kernel ok")
+    check_elementwise("cpu", [torch.float32, torch.float16])
+    print("kernels ok")
