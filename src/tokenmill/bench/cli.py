@@ -346,12 +346,13 @@ def cmd_roofline(args: argparse.Namespace) -> int:
 
     path = args.model or wl.smollm2_gguf_path()
     cfg = load_model_config(path)
+    big = args.device != "cpu"  # a GPU needs buffers beyond its L2 and matrices that fill it
     if args.quick:
-        bandwidth = measure_bandwidth(mbytes=64, reps=3)
-        matmul = measure_matmul(n=512, reps=2, dtypes=args.dtypes)
+        bandwidth = measure_bandwidth(mbytes=64, reps=3, device=args.device)
+        matmul = measure_matmul(n=512, reps=2, dtypes=args.dtypes, device=args.device)
     else:
-        bandwidth = measure_bandwidth(mbytes=512, reps=10)
-        matmul = measure_matmul(n=2048, reps=5, dtypes=args.dtypes)
+        bandwidth = measure_bandwidth(mbytes=4096 if big else 512, reps=10, device=args.device)
+        matmul = measure_matmul(n=8192 if big else 2048, reps=5, dtypes=args.dtypes, device=args.device)
     limits = roofline(cfg.param_counts(), bandwidth, matmul, args.dtypes)
     results = {
         "benchmark": "roofline",
@@ -359,6 +360,7 @@ def cmd_roofline(args: argparse.Namespace) -> int:
         "model": path,
         "architecture": cfg.architecture,
         "quick": args.quick,
+        "device": args.device,
         "machine": {**basic_machine_info(), "bandwidth": bandwidth, "matmul": matmul},
         **limits,
     }
@@ -462,6 +464,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--dtypes", type=_dtype_list, default=["float32", "bfloat16"],
                    help="comma list (default float32,bfloat16)")
     r.add_argument("--quick", action="store_true", help="small buffers and matrices (a few seconds)")
+    r.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N: measure that device's memory")
     r.add_argument("--result-json", default=None)
     r.set_defaults(func=cmd_roofline)
     return bench

@@ -38,8 +38,8 @@ def graphs_supported(model: torch.nn.Module, kv_caches: list[KVCache], dtype: to
         return "the model has no paged attention layers"
     for attn, cache in zip(attns, kv_caches):
         if not attn.uses_triton_decode(cache, dtype):
-            return ("decode attention falls back to gathering (needs Triton, a bf16/fp16 KV cache in the model "
-                    "dtype and no attention sinks)")
+            return ("decode attention falls back to gathering (needs Triton, a KV cache in the model dtype, not "
+                    "int8, and no attention sinks)")
     return None
 
 

@@ -137,7 +137,7 @@ class PagedAttention:
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 
     def uses_triton_decode(self, kv_cache: KVCache, dtype: torch.dtype) -> bool:
-        """Whether decode runs the Triton kernel: CUDA, a bf16/fp16 cache in the model dtype, no attention sinks.
+        """Whether decode runs the Triton kernel: CUDA, a cache in the model dtype (not int8), no attention sinks.
         Its launches are capturable by CUDA graphs; the gather fallback is not (it sizes tensors from lengths)."""
         return (kv_cache.device.type == "cuda" and not isinstance(kv_cache, QuantizedKVCache)
                 and triton_kernels.supports(dtype, kv_cache.dtype, self.head_dim, self.sinks))
