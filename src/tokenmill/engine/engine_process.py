@@ -37,6 +37,10 @@ from .async_engine import (
 )
 from .outputs import RequestOutput
 
+# Seen in a multi-model server: two loader threads unpickling tokenizers at once raced on importing `tokenizers`
+# (a partially initialised module, then KeyError) and the server failed to start.
+_UNPICKLE_LOCK = threading.Lock()
+
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[str, type[BaseException]] = {
@@ -222,7 +226,9 @@ class ProcessEngine(EngineFrontend):
         self._proc.start()
         child.close()
         try:
-            msg = self._conn.recv()
+            self._conn.poll(None)  # wait for the model to load (engines of several models load in parallel)
+            with _UNPICKLE_LOCK:  # unpickling the tokenizer imports modules: not safe from two threads at once
+                msg = self._conn.recv()
         except EOFError:
             self._proc.join(5)
             raise RuntimeError(f"the engine process exited while loading (exit code {self._proc.exitcode})") from None
