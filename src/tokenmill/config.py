@@ -317,8 +317,10 @@ class EngineConfig:
         )
 
     def resolve_device(self) -> torch.device:
-        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if self.device == "auto" else self.device)
+        if self.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(self.device)
         if device.type == "cuda" and device.index is None:  # tensors report cuda:0; keep comparisons equal
             device = torch.device("cuda", torch.cuda.current_device())
         return device

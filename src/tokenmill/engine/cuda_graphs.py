@@ -1,8 +1,8 @@
 """CUDA graphs for decode steps.
 
 A decode step of a small model is hundreds of tiny kernels; launched one by one from Python, the GPU waits on the
-CPU. At start-up the model's forward pass for decode-only batches is captured once per batch size in
-GRAPH_BATCH_SIZES (up to the engine's row limit); a step then copies its inputs into the captured buffers and
+CPU. At start-up the model's forward pass for decode-only batches is captured once per batch size of
+graph_batch_sizes() (up to the engine's row limit); a step then copies its inputs into the captured buffers and
 replays the graph of the smallest size that holds it. Rows past the batch are padding: they write their key and
 value to a scratch block that no sequence owns and attend to that token alone.
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..model.layers.attention import AttentionMetadata, PagedAttention
+from ..model.layers.attention import AttentionMetadata, paged_attentions
 from ..model.layers.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def graph_batch_sizes(max_rows: int) -> list[int]:
 
 def graphs_supported(model: torch.nn.Module, kv_caches: list[KVCache], dtype: torch.dtype) -> str | None:
     """None if every layer's decode attention can be captured; else why not."""
-    attns = [a for m in model.modules() for a in vars(m).values() if isinstance(a, PagedAttention)]
+    attns = paged_attentions(model)
     if not attns:
         return "the model has no paged attention layers"
     for attn, cache in zip(attns, kv_caches):
@@ -118,4 +118,3 @@ class DecodeGraphs:
             graph.replay()
             self.num_replays += 1
             return out[:n].clone()  # the graphs share one memory pool: the next replay may overwrite `out`
-

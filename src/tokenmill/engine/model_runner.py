@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..config import CacheConfig, ModelConfig
+from ..config import CacheConfig, ModelConfig, blocks_needed
 from ..model.layers.attention import AttentionMetadata, PrefillSpan
 from ..model.layers.cpu_kernels import cpu_ops
 from ..model.layers.kv_cache import KVCache, QuantizedKVCache, new_kv_cache
@@ -156,7 +156,7 @@ class ModelRunner:
             return False
         ensure_rope_positions(self.model, max_model_len)
         graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, self.pad_block, max_rows,
-                              -(-max_model_len // self.block_size), self.device)
+                              blocks_needed(max_model_len, self.block_size), self.device)
         try:
             graphs.capture()
         except RuntimeError as e:  # an op that cannot be captured: stay eager rather than fail to start

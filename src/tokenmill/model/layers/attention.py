@@ -223,9 +223,14 @@ def layer_windows(native: list[int | None], kv_window: int | None) -> list[int |
     return [kv_window if w is None else min(w, kv_window) for w in native]
 
 
+def paged_attentions(model: torch.nn.Module) -> list[PagedAttention]:
+    """The PagedAttention of each layer of `model`, in layer order (they are plain attributes, not modules)."""
+    return [a for m in model.modules() for a in vars(m).values() if isinstance(a, PagedAttention)]
+
+
 def configure_windows(model: torch.nn.Module, windows: list[int | None], sinks: int) -> None:
     """Sets the window and attention sinks of every PagedAttention of `model` (one per layer, in layer order)."""
-    attns = [a for m in model.modules() for a in vars(m).values() if isinstance(a, PagedAttention)]
+    attns = paged_attentions(model)
     if len(attns) != len(windows):
         raise ValueError(f"model has {len(attns)} attention layers, got {len(windows)} windows")
     for attn, window in zip(attns, windows):
