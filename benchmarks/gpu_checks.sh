@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 TOKENMILL_SMOLLM2_TOKENIZER=$PWD/.gpu/tokenizer
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-TESTS=${TESTS:-"tests/test_cuda.py tests/test_triton_kernels.py tests/test_equivalence.py"}
+TESTS=${TESTS:-"tests/test_cuda.py tests/test_triton_kernels.py tests/test_equivalence.py tests/test_async_scheduling.py"}
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 \
     | tee "$OUT/tests.log" | tail -30
 # BENCH_RUNS: ';'-separated argument lists of bench_gpu.py, one run each (results under $OUT/run<i>/)

@@ -54,6 +54,10 @@ SCENARIOS = {
     "chunked_prefill": dict(max_num_batched_tokens=8, block_size=4),
     "preemption": dict(num_blocks=14, block_size=4, max_num_batched_tokens=64),
     "one_seq_at_a_time": dict(max_num_seqs=1, block_size=32),
+    # async scheduling: steps launched before the previous step's tokens are read back; fewer slots than prompts
+    # (admission between steps that ran ahead), and a cache small enough to preempt
+    "async": dict(async_scheduling=True, max_num_seqs=4, block_size=4),
+    "async_preemption": dict(async_scheduling=True, num_blocks=14, block_size=4, max_num_batched_tokens=64),
 }
 
 
@@ -68,8 +72,10 @@ def test_greedy_matches_transformers(tiny, scenario):
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outs]
     assert got == expected
-    if scenario == "preemption":
+    if "preemption" in scenario:
         assert llm.engine.scheduler.num_preemptions > 0
+    if "async" in scenario:  # most decode steps ran ahead
+        assert llm.engine.stats()["async_steps"] >= NEW_TOKENS // 2
     _assert_all_blocks_free(llm)
 
 

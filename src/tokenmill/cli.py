@@ -25,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the previous step's tokens reach the host, overlapping host "
+                        "work with the device's (default: on for CUDA, off on CPU)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="KV-cache storage: auto = the model dtype; int8 = int8 values with a float16 scale per token "
                         "per KV head (about half the bytes of bf16)")
@@ -64,6 +67,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_window=args.kv_window,
         kv_sinks=args.kv_sinks,

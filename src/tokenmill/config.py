@@ -265,6 +265,10 @@ class EngineConfig:
     num_threads: int | None = None
     # CUDA: decode steps replay CUDA graphs captured at start-up (engine/cuda_graphs.py) unless this is set
     enforce_eager: bool = False
+    # Overlap each decode step's host work (schedule, inputs, detokenise) with the previous step's GPU work: a step
+    # is launched before the previous step's sampled tokens reach the host (engine/async_step.py). None = on for
+    # CUDA, off on CPU (where the host is the device and nothing overlaps).
+    async_scheduling: bool | None = None
     # KV-cache storage: "auto" = the model dtype, "int8" = int8 values with a float16 scale per token per KV head
     kv_cache_dtype: str = "auto"
     # StreamingLLM-style attention: each token sees the first kv_sinks tokens and the last kv_window ones; blocks in
@@ -299,6 +303,8 @@ class EngineConfig:
             raise ValueError(f"kv_window must be >= 1 (tokens), got {self.kv_window}")
         if self.kv_sinks < 0:
             raise ValueError(f"kv_sinks must be >= 0, got {self.kv_sinks}")
+        if self.async_scheduling and self.speculative_method:
+            raise ValueError("async_scheduling does not combine with speculative decoding (speculative_method)")
         self.cache = CacheConfig(
             block_size=self.block_size,
             kv_cache_bytes=self.kv_cache_bytes,
@@ -324,6 +330,11 @@ class EngineConfig:
         if device.type == "cuda" and device.index is None:  # tensors report cuda:0; keep comparisons equal
             device = torch.device("cuda", torch.cuda.current_device())
         return device
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return device.type == "cuda" and not self.speculative_method
 
     def resolve_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's storage dtype (torch.int8: the quantised format of kv_cache.py)."""

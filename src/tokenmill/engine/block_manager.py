@@ -147,7 +147,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(seq.num_computed_tokens, seq.num_tokens) // bs
+        full = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending_tokens) // bs  # known tokens only
         key = seq.block_keys[-1] if seq.block_keys else None
         for i in range(len(seq.block_keys), full):
             key = (hash(key), tuple(seq.token_ids[i * bs : (i + 1) * bs]))

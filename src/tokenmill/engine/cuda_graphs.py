@@ -67,6 +67,7 @@ class DecodeGraphs:
         self._tables = self._host_bt.to(device)
         self._rows = torch.arange(bmax, device=device)
         self._pad_slot = pad_slot
+        self._copied = torch.cuda.Event()  # the latest step's copies out of the host buffers are done
         self._rope = model.rotary.cos
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
@@ -99,11 +100,15 @@ class DecodeGraphs:
                 and self.model.rotary.cos is self._rope)  # a grown RoPE table has moved: the graphs read the old one
 
     def run(
-        self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]], lens: list[int]
+        self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]], lens: list[int],
+        input_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [n, vocab] of a decode-only batch of n rows (the logits row of each row is itself)."""
+        """Logits [n, vocab] of a decode-only batch of n rows (the logits row of each row is itself);
+        `input_tokens`: the rows' tokens on the device, replacing `input_ids` (async scheduling)."""
         n = len(input_ids)
         b = next(size for size in self.sizes if size >= n)
+        # With async scheduling the previous step may still be queued: its copies must have read these buffers.
+        self._copied.synchronize()
         h, bt = self._host_np, self._host_bt_np
         h[0, :n], h[1, :n], h[2, :n], h[3, :n] = input_ids, positions, slots, lens
         h[0, n:b], h[1, n:b], h[2, n:b], h[3, n:b] = 0, 0, self._pad_slot, 1
@@ -112,9 +117,11 @@ class DecodeGraphs:
         bt[n:b, 0] = self.pad_block
         graph, out = self._graphs[b]
         with torch.inference_mode():
-            # The host buffers are not written again before the step's logits are read, which waits for these.
             self._scalars.copy_(self._host, non_blocking=True)
             self._tables[:b].copy_(self._host_bt[:b], non_blocking=True)
+            self._copied.record()
+            if input_tokens is not None:
+                self._scalars[0, :n].copy_(input_tokens)
             graph.replay()
             self.num_replays += 1
             return out[:n].clone()  # the graphs share one memory pool: the next replay may overwrite `out`

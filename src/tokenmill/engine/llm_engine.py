@@ -16,6 +16,7 @@ from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from ..model.layers.attention import configure_windows, layer_windows
 from ..model.layers.linear import SMALL_M_ROWS, Linear
 from ..sampling_params import SamplingParams
+from .async_step import PendingSample, can_defer
 from .block_manager import BlockManager
 from .cuda_graphs import MAX_GRAPH_ROWS
 from .model_runner import ModelRunner
@@ -90,6 +91,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(config.seed)
         self.spec = self._make_spec_decoder(num_blocks, drop_window) if config.speculative.method else None
+        self.async_scheduling = config.resolve_async_scheduling(self.device)
+        self._pending: PendingSample | None = None  # the latest step's tokens, still on the device
+        self.num_async_steps = 0  # decode steps launched before the previous step's tokens were read back
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -180,6 +184,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         self._check_timeouts()
         outputs, self._finished_outside_step = self._finished_outside_step, []
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            # Async scheduling: launch the next decode step first, then take in the previous step's tokens.
+            self.last_step_num_tokens = 0
+            self._pending = self._run_ahead(pending)
+            outputs.extend(self._resolve(pending))
+            return outputs
         if self.spec is not None:
             self.spec.plan(self.scheduler.running)
         sched = self.scheduler.schedule()
@@ -229,12 +240,20 @@ class LLMEngine:
             for s in targets:
                 row_seqs.append(s)
                 row_index.append(row)
-        if row_seqs:
+        if row_seqs and self.async_scheduling and all(can_defer(s) for s in row_seqs):
+            self._pending = self._sample_deferred(logits, row_seqs, row_index)
+            for seq in row_seqs:  # their output comes when their token is read back
+                touched.pop(seq.group.request_id, None)
+        elif row_seqs:
             self._sample_and_append(logits, row_seqs, row_index)
         if layout.spec_rows:
             self._verify_and_append(logits, layout.spec_rows, sched.scheduled)
+        outputs.extend(self._group_outputs(touched.values()))
+        return outputs
 
-        for group in touched.values():
+    def _group_outputs(self, groups) -> list[RequestOutput]:
+        outputs = []
+        for group in groups:
             out = self._make_output(group)
             outputs.append(out)
             if out.finished:
@@ -242,6 +261,61 @@ class LLMEngine:
                 out.metrics.finished_time = group.finished_time
                 self.groups.pop(group.request_id, None)
         return outputs
+
+    # ---- async scheduling (async_step.py) -------------------------------------------------------------------
+    def _sample_deferred(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> PendingSample:
+        batch = logits if rows == list(range(logits.shape[0])) else logits[torch.tensor(rows, device=logits.device)]
+        ids = self.sampler.sample_ids(batch, [self._sampling_row(seq) for seq in seqs])
+        return PendingSample(seqs, ids)
+
+    def _run_ahead(self, pending: PendingSample) -> PendingSample | None:
+        """Launches the next decode step of the running sequences, whose input tokens are `pending`'s (still on
+        the device); None when the next step needs the host to know them (see async_step.py)."""
+        sched = self.scheduler
+        if sched.waiting and len(sched.running) < self.config.max_num_seqs:
+            return None  # a normal step admits it
+        batch = []
+        for seq in sched.running:
+            if seq.num_pending_tokens != 1 or seq.seq_id not in pending.rows or not can_defer(seq):
+                return None
+            if not self._length_done(seq, ahead=1):  # stopping after its pending token anyway
+                batch.append(seq)
+        bm = self.block_manager
+        if (not batch or len(batch) > self.config.max_num_batched_tokens
+                or sum(bm.blocks_to_append(seq, 1) for seq in batch) > bm.num_free_blocks):
+            return None
+        for seq in batch:
+            bm.append_slots(seq, 1)
+        scheduled = [(seq, 1) for seq in batch]
+        self.last_step_num_tokens = len(batch)
+        self.num_async_steps += 1
+        logits, _ = self.runner.execute(scheduled, bm.take_copies(), pending.inputs_for(batch))
+        for seq in batch:
+            seq.num_computed_tokens += 1
+            bm.commit_computed(seq)
+        return self._sample_deferred(logits, batch, list(range(len(batch))))
+
+    def _resolve(self, pending: PendingSample) -> list[RequestOutput]:
+        """Takes in the tokens of a deferred sample: detokenise, check stop conditions, report."""
+        token_ids = pending.wait()
+        now = time.monotonic()
+        touched: dict[str, SequenceGroup] = {}
+        for seq, token in zip(pending.seqs, token_ids):
+            if seq.is_finished:  # aborted or timed out meanwhile; its placeholders went with it
+                continue
+            group = seq.group
+            touched[group.request_id] = group
+            if group.first_token_time is None:
+                group.first_token_time = now
+            seq.token_ids[len(seq.token_ids) - seq.num_pending_tokens] = token
+            seq.num_pending_tokens -= 1
+            try:
+                self._take_token(seq, token)
+            except Exception as e:
+                self._fail_group(group, e)
+            if not seq.is_finished:
+                self.block_manager.commit_computed(seq)
+        return self._group_outputs(touched.values())
 
     def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
         if rows == list(range(logits.shape[0])):
@@ -266,7 +340,7 @@ class LLMEngine:
         position; such sequences have no penalties, which would read tokens not yet known)."""
         p = seq.group.params
         blocked = ()
-        if seq.num_output_tokens + offset < p.min_tokens:
+        if seq.num_output_tokens + seq.num_pending_tokens + offset < p.min_tokens:
             blocked = tuple(self.eos_token_ids) + tuple(p.stop_token_ids or ())
         # Only penalties read the token history: don't copy it every step for rows that have none.
         if p.needs_penalties:
@@ -370,8 +444,12 @@ class LLMEngine:
             self.block_manager.commit_computed(seq)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
-        p = seq.group.params
         seq.token_ids.append(token)
+        self._take_token(seq, token)
+
+    def _take_token(self, seq: Sequence, token: int) -> None:
+        """A generated token is in token_ids: detokenise it and check the stop conditions."""
+        p = seq.group.params
         self.num_generated_tokens += 1
         if seq.detokenizer is None:
             seq.detokenizer = IncrementalDetokenizer(
@@ -390,17 +468,20 @@ class LLMEngine:
                 return self._finish(seq, "stop", token)
             if stop_str is not None:
                 return self._finish(seq, "stop", stop_str)
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            self._finish(seq, "length")
-        elif self._past_length_limit(seq):
+        if self._length_done(seq):
             self._finish(seq, "length")
 
-    def _past_length_limit(self, seq: Sequence) -> bool:
-        """The context length bounds a sequence; with a KV window it bounds only the tokens generated when
-        max_tokens is None (there is no context to run out of)."""
+    def _length_done(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether the sequence stops on length once `ahead` more tokens are known: max_tokens, or the context
+        length (with a KV window the context bounds only the tokens generated when max_tokens is None: there is no
+        context to run out of)."""
+        max_tokens = seq.group.params.max_tokens
+        outputs = seq.num_output_tokens + ahead
+        if max_tokens is not None and outputs >= max_tokens:
+            return True
         if self.kv_window is None:
-            return seq.num_tokens >= self.max_model_len
-        return seq.group.params.max_tokens is None and seq.num_output_tokens >= self.max_model_len
+            return seq.num_tokens - seq.num_pending_tokens + ahead >= self.max_model_len
+        return max_tokens is None and outputs >= self.max_model_len
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.finish_reason = reason
@@ -478,5 +559,6 @@ class LLMEngine:
             "prefix_cache_hits": bm.prefix_hits,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generated_tokens,
+            **({"async_steps": self.num_async_steps} if self.async_scheduling else {}),
             **(self.spec.stats() if self.spec is not None else {}),
         }

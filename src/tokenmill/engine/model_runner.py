@@ -200,10 +200,12 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def execute(
-        self, scheduled: list[tuple[Sequence, int]], block_copies: list[tuple[int, int]]
+        self, scheduled: list[tuple[Sequence, int]], block_copies: list[tuple[int, int]],
+        input_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, BatchLayout]:
         """Runs the scheduled chunks. Decodes (one token, or a speculating sequence's 1 + k) must come first in
-        `scheduled`."""
+        `scheduled`. `input_tokens`: a decode-only step's input tokens as a device tensor, one per row, when the host
+        does not have them yet (async scheduling; the sequences hold placeholders)."""
         self.copy_blocks(block_copies)
         bs = self.block_size
         input_ids: list[int] = []
@@ -269,12 +271,14 @@ class ModelRunner:
         graphs = self.graphs
         if (graphs is not None and not prefills and len(logits_idx) == len(input_ids)
                 and graphs.can_run(len(input_ids), max(len(t) for t in dec_tables))):
-            return graphs.run(input_ids, positions, slots, dec_tables, dec_lens), layout
+            return graphs.run(input_ids, positions, slots, dec_tables, dec_lens, input_tokens), layout
         dev = self.device
         meta = batch_metadata(slots, dec_tables, dec_lens, prefills, bs, dev)
+        if input_tokens is None:
+            input_tokens = torch.tensor(input_ids, dtype=torch.long, device=dev)
         with torch.inference_mode():
             logits = self.model(
-                torch.tensor(input_ids, dtype=torch.long, device=dev),
+                input_tokens,
                 torch.tensor(positions, dtype=torch.long, device=dev),
                 self.kv_caches,
                 meta,

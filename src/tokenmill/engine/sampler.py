@@ -130,12 +130,17 @@ class Sampler:
         return gen
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
+        token_ids = self.sample_ids(logits, rows)
+        return self._results(logits, token_ids, [row.params for row in rows])
+
+    def sample_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The sampled token id of each row, left on the logits' device."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows), V], got {tuple(logits.shape)} for {len(rows)} rows")
         batch = logits.shape[0]
         device = logits.device
         if batch == 0:
-            return []
+            return torch.empty(0, dtype=torch.long, device=device)
         params = [row.params for row in rows]
         any_blocked = any(len(row.blocked_token_ids) > 0 for row in rows)
         any_penalties = any(p.needs_penalties for p in params)
@@ -153,8 +158,7 @@ class Sampler:
                 if sampled:
                     idx = torch.tensor(sampled, dtype=torch.long, device=device)
                     token_ids[idx] = self._sample(work[idx], [rows[i] for i in sampled])
-
-        return self._results(logits, token_ids, params)
+        return token_ids
 
     @staticmethod
     def _penalize(work: torch.Tensor, rows: list[SamplingRow], pen_rows: list[int]) -> None:

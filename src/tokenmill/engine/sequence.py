@@ -47,6 +47,9 @@ class Sequence:
     spec_acceptance: float = 1.0
     spec_pause: int = 0  # steps left without speculation after a run of rejections
     spec_backoff: int = 0  # length of the last pause (doubles while the probes after pauses keep failing)
+    # async scheduling: trailing entries of token_ids that are placeholders for tokens sampled on the device and
+    # not yet read back (engine/async_step.py)
+    num_pending_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -54,11 +57,12 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """The generated tokens known on the host (not the pending placeholders)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending_tokens]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:

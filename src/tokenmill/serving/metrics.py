@@ -63,6 +63,9 @@ class _EngineCollector(Collector):
                 s.get("num_preemptions", 0))
             add(CounterMetricFamily, "prompt_tokens", "Prompt tokens accepted.", model, s.get("prompt_tokens", 0))
             add(CounterMetricFamily, "generation_tokens", "Tokens generated.", model, s.get("generation_tokens", 0))
+            if "async_steps" in s:  # async scheduling on
+                add(CounterMetricFamily, "async_steps",
+                    "Decode steps launched before the previous step's tokens reached the host.", model, s["async_steps"])
             if "spec_decode_num_drafts" in s:  # speculative decoding on
                 add(CounterMetricFamily, "spec_decode_num_drafts",
                     "Speculative verifications (one per sequence per step).", model, s["spec_decode_num_drafts"])

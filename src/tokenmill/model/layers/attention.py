@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import triton_kernels
 from .cpu_kernels import cpu_ops
@@ -24,6 +25,18 @@ from .rotary import RopeInputs, apply_rotary
 # Query rows per SDPA call when a prefill needs an explicit mask (cached prefix or sliding window):
 # keeps the mask and the kernel's working set at O(tile x context), never O(context^2).
 PREFILL_QUERY_TILE = 256
+
+# SDPA backends on CUDA. cuDNN attention is left out: it builds a plan for every new sequence length (about 50 ms
+# each on an H200), which prompts of ever-changing lengths keep paying; flash and memory-efficient kernels do not.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """torch SDPA over [..., L, D] tensors; causal when mask is None."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    with sdpa_kernel(CUDA_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 @dataclass
@@ -169,7 +182,7 @@ class PagedAttention:
             keys, values = gather_slots(kv_cache, slots, q.dtype)
         # The query heads of one KV head are the "query rows" of that head: no KV repetition for GQA/MQA.
         qg = q.view(b, hkv, self.group, d).to(keys.dtype)
-        o = F.scaled_dot_product_attention(qg, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask)
+        o = sdpa(qg, keys.transpose(1, 2), values.transpose(1, 2), mask)
         return o.reshape(b, self.num_heads, d).to(q.dtype)
 
     def _prefill(
@@ -206,14 +219,9 @@ class PagedAttention:
         if self.group > 1:
             k = k.repeat_interleave(self.group, dim=1)
             v = v.repeat_interleave(self.group, dim=1)
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
-            k.to(q.dtype).transpose(0, 1).unsqueeze(0),
-            v.to(q.dtype).transpose(0, 1).unsqueeze(0),
-            attn_mask=mask,
-            is_causal=mask is None,
-        )
-        return o.squeeze(0).transpose(0, 1)
+        args = (q.transpose(0, 1).unsqueeze(0), k.to(q.dtype).transpose(0, 1).unsqueeze(0),
+                v.to(q.dtype).transpose(0, 1).unsqueeze(0))
+        return sdpa(*args, mask).squeeze(0).transpose(0, 1)
 
 
 def layer_windows(native: list[int | None], kv_window: int | None) -> list[int | None]:
