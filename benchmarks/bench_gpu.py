@@ -159,6 +159,11 @@ def _try(get: Any, r: dict[str, Any]) -> float:
         return 0.0  # a part that was skipped
 
 
+def _present(series: list, results: dict[str, Any], models: list[str]) -> list:
+    """The series measured for at least one model (parts left out with --skip are not drawn)."""
+    return [(label, get) for label, get in series if any(_try(get, results["models"][m]) for m in models)]
+
+
 def plot(results: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -174,13 +179,15 @@ def plot(results: dict[str, Any], path: str) -> None:
         ("tokenmill (eager)", lambda m: m["tokenmill_eager"]["offline_output_tok_s"]),
         (f"HF static-{HF_BATCH}", lambda m: m["hf"]["offline_output_tok_s"]),
     ]
+    series = _present(series, results, models)
     for i, (label, get) in enumerate(series):
         vals = [_try(get, results["models"][m]) for m in models]
         axes[0].bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(models))], vals, width, label=label)
+    axes[0].set_ylim(0, axes[0].get_ylim()[1] * 1.35)  # room for the legend
     axes[0].set_xticks(range(len(models)), models)
     axes[0].set_ylabel("output tokens/s")
     axes[0].set_title(f"sharegpt-128, {CONCURRENCY} at once, bf16")
-    axes[0].legend()
+    axes[0].legend(fontsize=8, loc="upper left")
     series = [
         ("tokenmill (CUDA graphs, async)", lambda m: m["tokenmill"]["decode1"]["decode_tok_s"]),
         ("tokenmill (CUDA graphs, async off)", lambda m: m["tokenmill_sync"]["decode1"]["decode_tok_s"]),
@@ -188,14 +195,16 @@ def plot(results: dict[str, Any], path: str) -> None:
         ("HF", lambda m: m["hf"]["decode1"]["decode_tok_s"]),
         ("HBM limit", lambda m: m["decode1_limit_tok_s"]),
     ]
+    series = _present(series, results, models)
     for i, (label, get) in enumerate(series):
         vals = [_try(get, results["models"][m]) for m in models]
         axes[1].bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(models))], vals, width, label=label)
     axes[1].set_xticks(range(len(models)), models)
     axes[1].set_yscale("log")
+    axes[1].set_ylim(top=axes[1].get_ylim()[1] * 8)  # room for the legend
     axes[1].set_ylabel("decode tokens/s (log)")
     axes[1].set_title("decode-1, bf16")
-    axes[1].legend()
+    axes[1].legend(fontsize=8, loc="upper left")
     fig.suptitle(results["machine"]["gpu"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
