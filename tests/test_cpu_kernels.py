@@ -92,7 +92,7 @@ def test_packed_bf16_linear_equals_f_linear(rows):
     torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 11, 13, 16])  # 9-16: the four-weight-row kernel
 def test_small_m_linear_matches_f_linear(ops, rows):
     if not hasattr(ops, "small_m_linear"):
         pytest.skip("no AVX512-BF16 on this CPU")

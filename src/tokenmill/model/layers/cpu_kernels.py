@@ -31,6 +31,7 @@ _SOURCE = r"""
 #include <vector>
 #include <algorithm>
 #include <cstring>
+#include <array>
 
 // bf16 <-> fp32 on raw bits (vectorisable), rounding to nearest even
 template <typename T> static inline float to_f(T v) { return static_cast<float>(v); }
@@ -489,7 +490,7 @@ static void decode_i8_avx512(const at::Tensor& q, const I8Cache& kc, const I8Cac
 }
 
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for M <= 8 rows (decode of a few sequences, or one verifying speculated
-// tokens) in bf16, fp32 accumulation; each row is computed the same whatever M is (batch-invariant): every output is
+// tokens; 9-16 rows: gemm_block16_wide below) in bf16, fp32 accumulation; each row is computed the same whatever M is (batch-invariant): every output is
 // one dot-product chain over K in order, then a 16-way shuffle-tree reduction shared by 16 outputs.
 // Blocks of 16 weight rows, each row read once for all M x rows (the weights stream from memory once per call).
 // Every 64-byte line is prefetched into L2 8 KiB ahead, so the stream does not wait on the dot products: measured on
@@ -535,9 +536,102 @@ static void gemv_block16(const at::BFloat16* xp, int64_t xs, const at::BFloat16*
   });
 }
 
+// 9-16 rows: past 8 rows the dot products, not the weight stream, set the pace, and the kernel above is bound by
+// its loads (one x chunk per dot product). Here four weight rows are held in registers and each x chunk loaded
+// feeds four dot products, for row groups of up to 6 x rows (24 accumulators); the weight rows are read from memory
+// by the first group and from L1 by the others. Each output is the same dpbf16 chain over K in order and the same
+// 16-way reduction as above, so the result stays bit-identical to every row multiplied alone.
+template <int MR, bool PF>
+static void rows4_chain(const __m512bh* xv, int64_t NC,
+                                                              const at::BFloat16* const* wrow, const char* end,
+                                                              __m512 (*acc)[16], int j0) {
+  __m512 a[MR][4];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) a[m][r] = _mm512_setzero_ps();
+  const __m512i* w0p = reinterpret_cast<const __m512i*>(wrow[0]);
+  const __m512i* w1p = reinterpret_cast<const __m512i*>(wrow[1]);
+  const __m512i* w2p = reinterpret_cast<const __m512i*>(wrow[2]);
+  const __m512i* w3p = reinterpret_cast<const __m512i*>(wrow[3]);
+  for (int64_t c = 0; c < NC; ++c) {
+    if (PF) {
+      const char* p0 = reinterpret_cast<const char*>(w0p + c) + 8192;
+      if (p0 + 3 * 64 * NC < end) {
+        _mm_prefetch(p0, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w1p + c) + 8192, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w2p + c) + 8192, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w3p + c) + 8192, _MM_HINT_T1);
+      }
+    }
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w0p + c);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w1p + c);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w2p + c);
+    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w3p + c);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xm = xv[m * NC + c];
+      a[m][0] = _mm512_dpbf16_ps(a[m][0], xm, w0);
+      a[m][1] = _mm512_dpbf16_ps(a[m][1], xm, w1);
+      a[m][2] = _mm512_dpbf16_ps(a[m][2], xm, w2);
+      a[m][3] = _mm512_dpbf16_ps(a[m][3], xm, w3);
+    }
+  }
+  // All four, whatever nr: a runtime bound would keep `a` in memory. Slots past the block's rows are zeroed later.
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) acc[m][j0 + r] = a[m][r];
+}
+
+// rows4_chain<MR, PF> for MR = 1..6; the first row group of a block prefetches the weights, the others find them in L1
+using ChainFn = void (*)(const __m512bh*, int64_t, const at::BFloat16* const*, const char*, __m512 (*)[16], int);
+static const ChainFn kChainFirst[6] = {rows4_chain<1, true>, rows4_chain<2, true>, rows4_chain<3, true>,
+                                       rows4_chain<4, true>, rows4_chain<5, true>, rows4_chain<6, true>};
+static const ChainFn kChainRest[6] = {rows4_chain<1, false>, rows4_chain<2, false>, rows4_chain<3, false>,
+                                      rows4_chain<4, false>, rows4_chain<5, false>, rows4_chain<6, false>};
+
+static void gemm_block16_wide(const at::BFloat16* xp, int64_t xs, const at::BFloat16* wp, const at::BFloat16* bp,
+                              at::BFloat16* op, int64_t M, int64_t N, int64_t K) {
+  const int64_t NB = (N + 15) / 16, NC = K / 32;
+  at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<__m512bh> xv(M * NC);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < NC; ++c) std::memcpy(&xv[m * NC + c], xp + m * xs + c * 32, 64);
+    const char* end = reinterpret_cast<const char*>(wp + std::min<int64_t>(N, b1 * 16) * K);
+    std::vector<std::array<__m512, 16>> acc(M);
+    auto* accp = reinterpret_cast<__m512(*)[16]>(acc.data());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int rows = static_cast<int>(std::min<int64_t>(16, N - b * 16));
+      const at::BFloat16* blk = wp + b * 16 * K;
+      for (int j0 = 0; j0 < rows; j0 += 4) {
+        const int nr = std::min(4, rows - j0);
+        const at::BFloat16* wrow[4];
+        for (int r = 0; r < 4; ++r) wrow[r] = blk + (j0 + std::min(r, nr - 1)) * K;  // past the end: a repeat
+        const int64_t groups = (M + 5) / 6;  // as even as possible: 16 = 6 + 5 + 5, 13 = 5 + 4 + 4
+        for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+          const int64_t mr = (M - m0) / (groups - g);
+          const __m512bh* xg = xv.data() + m0 * NC;
+          (m0 == 0 ? kChainFirst : kChainRest)[mr - 1](xg, NC, wrow, end, accp + m0, j0);
+          m0 += mr;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int j = rows; j < 16; ++j) accp[m][j] = _mm512_setzero_ps();
+      float bias[16] = {0.f};
+      if (bp)
+        for (int j = 0; j < rows; ++j) bias[j] = to_f<at::BFloat16>(bp[b * 16 + j]);
+      for (int64_t m = 0; m < M; ++m) {
+        const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(reduce16(accp[m]), _mm512_loadu_ps(bias)));
+        std::memcpy(op + m * N + b * 16, &r, 2 * rows);
+      }
+    }
+  });
+}
+
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(0) >= 1 && x.size(0) <= 8,
-              "small_m_linear: x [M <= 8, K], w [N, K]");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(0) >= 1 && x.size(0) <= 16,
+              "small_m_linear: x [M <= 16, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
               x.stride(1) == 1 && x.size(1) % 32 == 0, "small_m_linear: bf16, contiguous weight, K % 32 == 0");
   const at::BFloat16* bp = nullptr;
@@ -559,7 +653,8 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::o
     case 5: gemv_block16<5>(xp, x.stride(0), wp, bp, op, N, K); break;
     case 6: gemv_block16<6>(xp, x.stride(0), wp, bp, op, N, K); break;
     case 7: gemv_block16<7>(xp, x.stride(0), wp, bp, op, N, K); break;
-    default: gemv_block16<8>(xp, x.stride(0), wp, bp, op, N, K); break;
+    case 8: gemv_block16<8>(xp, x.stride(0), wp, bp, op, N, K); break;
+    default: gemm_block16_wide(xp, x.stride(0), wp, bp, op, M, N, K); break;
   }
   return out;
 }
