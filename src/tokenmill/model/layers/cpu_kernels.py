@@ -489,6 +489,28 @@ static void decode_i8_avx512(const at::Tensor& q, const I8Cache& kc, const I8Cac
   }
 }
 
+// The M x rows as 32-element chunks (xv[m * NC + c]), copied once per thread for the dot products.
+static std::vector<__m512bh> x_chunks(const at::BFloat16* xp, int64_t xs, int64_t M, int64_t NC) {
+  std::vector<__m512bh> xv(M * NC);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < NC; ++c) std::memcpy(&xv[m * NC + c], xp + m * xs + c * 32, 64);
+  return xv;
+}
+
+// Outputs b*16 .. b*16+rows of the M rows: acc[m][j] holds output j's 16 partial sums; slots past `rows` are unused.
+static void store_block16(__m512 (*acc)[16], int64_t M, int rows, const at::BFloat16* bp, int64_t b,
+                          at::BFloat16* op, int64_t N) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = rows; j < 16; ++j) acc[m][j] = _mm512_setzero_ps();
+  float bias[16] = {0.f};
+  if (bp)
+    for (int j = 0; j < rows; ++j) bias[j] = to_f<at::BFloat16>(bp[b * 16 + j]);
+  for (int64_t m = 0; m < M; ++m) {
+    const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(reduce16(acc[m]), _mm512_loadu_ps(bias)));
+    std::memcpy(op + m * N + b * 16, &r, 2 * rows);
+  }
+}
+
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for M <= 8 rows (decode of a few sequences, or one verifying speculated
 // tokens; 9-16 rows: gemm_block16_wide below) in bf16, fp32 accumulation; each row is computed the same whatever M is (batch-invariant): every output is
 // one dot-product chain over K in order, then a 16-way shuffle-tree reduction shared by 16 outputs.
@@ -502,9 +524,7 @@ static void gemv_block16(const at::BFloat16* xp, int64_t xs, const at::BFloat16*
                          at::BFloat16* op, int64_t N, int64_t K) {
   const int64_t NB = (N + 15) / 16, NC = K / 32;
   at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<__m512bh> xv(M * NC);
-    for (int m = 0; m < M; ++m)
-      for (int64_t c = 0; c < NC; ++c) std::memcpy(&xv[m * NC + c], xp + m * xs + c * 32, 64);
+    const std::vector<__m512bh> xv = x_chunks(xp, xs, M, NC);
     const char* end = reinterpret_cast<const char*>(wp + std::min<int64_t>(N, b1 * 16) * K);
     __m512 acc[M][16];
     for (int64_t b = b0; b < b1; ++b) {
@@ -523,15 +543,7 @@ static void gemv_block16(const at::BFloat16* xp, int64_t xs, const at::BFloat16*
         }
         for (int m = 0; m < M; ++m) acc[m][j] = a[m];
       }
-      for (int m = 0; m < M; ++m)
-        for (int j = static_cast<int>(rows); j < 16; ++j) acc[m][j] = _mm512_setzero_ps();
-      float bias[16] = {0.f};
-      if (bp)
-        for (int j = 0; j < rows; ++j) bias[j] = to_f<at::BFloat16>(bp[b * 16 + j]);
-      for (int m = 0; m < M; ++m) {
-        const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(reduce16(acc[m]), _mm512_loadu_ps(bias)));
-        std::memcpy(op + m * N + b * 16, &r, 2 * rows);
-      }
+      store_block16(acc, M, static_cast<int>(rows), bp, b, op, N);
     }
   });
 }
@@ -595,9 +607,7 @@ static void gemm_block16_wide(const at::BFloat16* xp, int64_t xs, const at::BFlo
                               at::BFloat16* op, int64_t M, int64_t N, int64_t K) {
   const int64_t NB = (N + 15) / 16, NC = K / 32;
   at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<__m512bh> xv(M * NC);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < NC; ++c) std::memcpy(&xv[m * NC + c], xp + m * xs + c * 32, 64);
+    const std::vector<__m512bh> xv = x_chunks(xp, xs, M, NC);
     const char* end = reinterpret_cast<const char*>(wp + std::min<int64_t>(N, b1 * 16) * K);
     std::vector<std::array<__m512, 16>> acc(M);
     auto* accp = reinterpret_cast<__m512(*)[16]>(acc.data());
@@ -616,15 +626,7 @@ static void gemm_block16_wide(const at::BFloat16* xp, int64_t xs, const at::BFlo
           m0 += mr;
         }
       }
-      for (int64_t m = 0; m < M; ++m)
-        for (int j = rows; j < 16; ++j) accp[m][j] = _mm512_setzero_ps();
-      float bias[16] = {0.f};
-      if (bp)
-        for (int j = 0; j < rows; ++j) bias[j] = to_f<at::BFloat16>(bp[b * 16 + j]);
-      for (int64_t m = 0; m < M; ++m) {
-        const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(reduce16(accp[m]), _mm512_loadu_ps(bias)));
-        std::memcpy(op + m * N + b * 16, &r, 2 * rows);
-      }
+      store_block16(accp, M, rows, bp, b, op, N);
     }
   });
 }
