@@ -29,6 +29,12 @@ from .spec_decode import DraftModelProposer, NgramProposer, SpecDecoder, check_d
 logger = logging.getLogger(__name__)
 
 
+def _logits_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    if rows == list(range(logits.shape[0])):
+        return logits  # the common case: one sampled row per logits row, in order
+    return logits[torch.tensor(rows, device=logits.device)]
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -264,8 +270,7 @@ class LLMEngine:
 
     # ---- async scheduling (async_step.py) -------------------------------------------------------------------
     def _sample_deferred(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> PendingSample:
-        batch = logits if rows == list(range(logits.shape[0])) else logits[torch.tensor(rows, device=logits.device)]
-        ids = self.sampler.sample_ids(batch, [self._sampling_row(seq) for seq in seqs])
+        ids = self.sampler.sample_ids(_logits_rows(logits, rows), [self._sampling_row(seq) for seq in seqs])
         return PendingSample(seqs, ids)
 
     def _run_ahead(self, pending: PendingSample) -> PendingSample | None:
@@ -318,11 +323,7 @@ class LLMEngine:
         return self._group_outputs(touched.values())
 
     def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
-        if rows == list(range(logits.shape[0])):
-            batch = logits  # the common case: one sampled row per logits row, in order
-        else:
-            batch = logits[torch.tensor(rows, device=logits.device)]
-        results = self.sampler(batch, [self._sampling_row(seq) for seq in seqs])
+        results = self.sampler(_logits_rows(logits, rows), [self._sampling_row(seq) for seq in seqs])
         now = time.monotonic()
         for seq, res in zip(seqs, results):
             group = seq.group
