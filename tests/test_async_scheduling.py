@@ -119,6 +119,30 @@ def test_abort_while_a_step_is_in_flight(llama):
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_running_short_of_blocks_falls_back_to_a_normal_step(llama, monkeypatch):
+    """Two sequences outgrow a 6-block cache while both run ahead: the step that runs ahead gives up when a block
+    is missing, a normal step preempts one of them, and the result equals the synchronous engine's."""
+    from tokenmill.engine.block_manager import BlockManager
+
+    refused = []
+    append_slots = BlockManager.append_slots
+
+    def counting(self, seq, n, reserve=0):
+        ok = append_slots(self, seq, n, reserve)
+        if not ok and seq.num_pending_tokens:  # refused to a sequence whose input is still on the device
+            refused.append(seq.seq_id)
+        return ok
+
+    monkeypatch.setattr(BlockManager, "append_slots", counting)
+    prompts = _prompts(49152, [7, 6], seed=15)
+    requests = [(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)) for p in prompts]
+    sync, _, sync_eng = _engine_outputs(llama, False, requests, num_blocks=6)
+    asyn, seen, eng = _engine_outputs(llama, True, requests, num_blocks=6)
+    assert {k: _summary(v) for k, v in asyn.items()} == {k: _summary(v) for k, v in sync.items()}
+    assert refused and eng.scheduler.num_preemptions > 0 and eng.stats()["async_steps"] > 0
+    _assert_clean(seen, eng)
+
+
 def test_context_limit_and_prefix_cache(llama):
     """A sequence that reaches max_model_len stops at the same token; a later request hits the blocks of the
     first one's generated text."""

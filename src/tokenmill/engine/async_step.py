@@ -29,7 +29,6 @@ class PendingSample:
     def __init__(self, seqs: list[Sequence], token_ids: torch.Tensor) -> None:
         self.seqs = seqs
         self.token_ids = token_ids
-        self.rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
         self._ready: torch.cuda.Event | None = None
         if token_ids.is_cuda:
             # Copied as soon as they exist: reading them must not wait for the step launched after this one.
@@ -47,7 +46,8 @@ class PendingSample:
         """Device tensor of the sampled tokens of `seqs` (each one of this sample's), in that order."""
         if len(seqs) == len(self.seqs) and all(a is b for a, b in zip(seqs, self.seqs)):
             return self.token_ids
-        idx = torch.tensor([self.rows[seq.seq_id] for seq in seqs], dtype=torch.long)
+        rows = {seq.seq_id: i for i, seq in enumerate(self.seqs)}
+        idx = torch.tensor([rows[seq.seq_id] for seq in seqs], dtype=torch.long)
         return self.token_ids[idx.to(self.token_ids.device)]
 
     def wait(self) -> list[int]:

@@ -280,17 +280,17 @@ class LLMEngine:
         if sched.waiting and len(sched.running) < self.config.max_num_seqs:
             return None  # a normal step admits it
         batch = []
-        for seq in sched.running:
-            if seq.num_pending_tokens != 1 or seq.seq_id not in pending.rows or not can_defer(seq):
+        for seq in sched.running:  # one pending token each: all of them are `pending`'s
+            if seq.num_pending_tokens != 1 or not can_defer(seq):
                 return None
             if not self._length_done(seq, ahead=1):  # stopping after its pending token anyway
                 batch.append(seq)
-        bm = self.block_manager
-        if (not batch or len(batch) > self.config.max_num_batched_tokens
-                or sum(bm.blocks_to_append(seq, 1) for seq in batch) > bm.num_free_blocks):
+        if not batch or len(batch) > self.config.max_num_batched_tokens:
             return None
+        bm = self.block_manager
         for seq in batch:
-            bm.append_slots(seq, 1)
+            if not bm.append_slots(seq, 1):  # short of blocks: a normal step preempts (slots taken stay for it)
+                return None
         scheduled = [(seq, 1) for seq in batch]
         self.last_step_num_tokens = len(batch)
         self.num_async_steps += 1
@@ -481,7 +481,7 @@ class LLMEngine:
         if max_tokens is not None and outputs >= max_tokens:
             return True
         if self.kv_window is None:
-            return seq.num_tokens - seq.num_pending_tokens + ahead >= self.max_model_len
+            return seq.num_prompt_tokens + outputs >= self.max_model_len
         return max_tokens is None and outputs >= self.max_model_len
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
