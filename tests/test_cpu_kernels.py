@@ -85,7 +85,7 @@ def test_packed_bf16_linear_equals_f_linear(rows):
     w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
     x = torch.randn(rows, 96, dtype=torch.bfloat16)
     assert lin.pack_for_cpu()
-    if lin.small_m is not None:  # 1-4 rows take the streaming kernel, which needs the dense weight
+    if lin.small_m is not None and lin.tiled_weight is None:  # small_m_linear reads the dense weight
         assert lin.weight.numel() == w.numel()
     else:
         assert lin.weight.numel() == 0  # the dense copy is released
@@ -106,6 +106,32 @@ def test_small_m_linear_matches_f_linear(ops, rows):
     # on it to reproduce plain decoding)
     alone = torch.cat([ops.small_m_linear(x[i : i + 1], w, b) for i in range(rows)])
     assert torch.equal(ops.small_m_linear(x, w, b), alone)
+
+
+@pytest.mark.parametrize("n,k", [(160, 96), (48, 1536), (3072, 576)])
+def test_amx_linear_matches_f_linear_and_is_batch_invariant(ops, n, k):
+    if not hasattr(ops, "amx_linear") or not ops.amx_available():
+        pytest.skip("no AMX-BF16 on this CPU")
+    torch.manual_seed(6)
+    w = torch.randn(n, k, dtype=torch.bfloat16) * 0.1
+    b = torch.randn(n, dtype=torch.bfloat16)
+    tiled = ops.amx_pack(w)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    x = torch.randn(64, k, dtype=torch.bfloat16)
+    alone = torch.cat([ops.amx_linear(x[i : i + 1], tiled, b) for i in range(64)])
+    for rows in (1, 5, 16, 17, 40, 64):  # one and several 16-row chunks, partial chunks
+        got = ops.amx_linear(x[:rows], tiled, b)
+        torch.testing.assert_close(got, F.linear(x[:rows].float(), w.float(), b.float()).bfloat16(),
+                                   atol=0.05, rtol=1e-2)
+        assert torch.equal(got, alone[:rows])  # each row bit-identical to the row multiplied alone
+        # oneDNN's AMX kernels in the same threads still compute right after ours released the tiles
+        torch.testing.assert_close(torch.ops.mkldnn._linear_pointwise(x[:rows], packed, b, "none", [], ""),
+                                   F.linear(x[:rows], w, b), atol=0.05, rtol=1e-2)
+    torch.testing.assert_close(ops.amx_linear(x[:3], tiled, None), F.linear(x[:3], w), atol=0.05, rtol=1e-2)
+    view = torch.cat([x[:8], x[:8]], dim=1)[:, :k]  # rows 2k apart, like a slice of a fused output
+    assert torch.equal(ops.amx_linear(view, tiled, b), alone[:8])
+    with pytest.raises(RuntimeError, match="N % 16 == 0"):
+        ops.amx_pack(torch.zeros(40, 64, dtype=torch.bfloat16))
 
 
 def test_weights_on_huge_pages_keep_values_and_ties():

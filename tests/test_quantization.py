@@ -146,8 +146,16 @@ def _greedy(llm, prompts=PROMPTS, n=24):
     return [o.outputs[0].token_ids for o in outs]
 
 
-def _prefix_agreement(a, b):
-    return [next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), len(s)) / len(s) for s, t in zip(a, b)]
+def _teacher_forced_agreement(llm, prompts, ref):
+    """Per prompt, the share of the reference continuation's tokens that `llm` predicts as its top-1 when fed the
+    reference so far. Unlike comparing free-running greedy outputs it does not hinge on the first near-tie (SmolLM2
+    has many: the bf16 model's own decode and prefill paths differ on a few percent of tokens)."""
+    out = []
+    for p, r in zip(prompts, ref):
+        ids = llm.engine.tokenizer.encode(p) + list(r)
+        pred = llm.engine.runner.prompt_logits(torch.tensor(ids))[len(ids) - len(r) - 1 : -1].argmax(-1).tolist()
+        out.append(sum(a == b for a, b in zip(pred, r)) / len(r))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +167,16 @@ def smollm2_bf16_tokens():
 def test_smollm2_quantised_modes_agree_with_bf16(smollm2_bf16_tokens):
     ref, ref_bytes = smollm2_bf16_tokens
     llm = LLM(dtype="bfloat16", kv_cache_bytes=32 * 2**20, quantization="int8")
-    agree = _prefix_agreement(_greedy(llm), ref)
-    assert sum(agree) / len(agree) >= 0.5, agree
+    agree = _teacher_forced_agreement(llm, PROMPTS, ref)
+    assert sum(agree) / len(agree) >= 0.85, agree  # measured 0.93
     assert llm.engine.weight_bytes["total"] < 0.51 * ref_bytes["total"]
     del llm
     # GGUF's own Q4_1 blocks: the bf16 model is those same blocks dequantised
     llm = LLM(dtype="bfloat16", kv_cache_bytes=32 * 2**20, quantization="gguf")
     layer = llm.engine.model.layers[0].mlp.down_proj
     assert isinstance(layer, QuantLinear) and layer.method == "int4" and layer.group_size == 32
-    agree = _prefix_agreement(_greedy(llm), ref)
-    assert sum(agree) / len(agree) >= 0.5, agree
+    agree = _teacher_forced_agreement(llm, PROMPTS, ref)
+    assert sum(agree) / len(agree) >= 0.85, agree  # measured 0.98
 
 
 def _tiny_out(llm):

@@ -10,6 +10,7 @@ import torch
 
 from tokenmill import LLM, EngineConfig, SamplingParams
 from tokenmill.engine.spec_decode import NgramProposer, greedy_verify, rejection_sample
+from tokenmill.model.layers.linear import Linear
 
 NEW_TOKENS = 24
 SPEC = dict(num_speculative_tokens=4, speculative_disable_by_batch_size=64)
@@ -425,5 +426,9 @@ def test_bf16_verification_reproduces_plain_decoding_bit_for_bit(smollm2_gguf_pa
         assert spec.chat(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want
     assert spec.engine.stats()["spec_decode_num_accepted_tokens"] > 10
     assert _all_free(spec)
-    # the small-row kernel's default cap (1 to 8 rows cost one plain step); the float32 tiny models have none
-    assert spec.engine.spec.max_rows == (8 if not options.get("quantization") else None)
+    # the few-row kernel's default cap (rows that cost one plain step: 8 for small_m_linear, 16 with AMX)
+    linears = [m for m in spec.engine.model.modules() if isinstance(m, Linear)]
+    flat = max((m.flat_cost_rows for m in linears), default=0)
+    amx = any(m.tiled_weight is not None for m in linears)
+    assert flat == (0 if options.get("quantization") else 16 if amx else 8)
+    assert spec.engine.spec.max_rows == (flat or None)

@@ -207,15 +207,19 @@ def activation_bytes_by_part(cfg: ModelConfig, dtype: str = "bf16", max_num_batc
     }
 
 
-def cpu_packed_weight_bytes(cfg: ModelConfig, dtype: str = "bf16") -> int:
+def cpu_packed_weight_bytes(cfg: ModelConfig, dtype: str = "bf16", amx: bool = False) -> int:
     """Bytes of the oneDNN-packed copy the engine makes of every bf16 linear weight on CPUs with native bf16
-    (``Linear.pack_for_cpu``): QKV, o, gate_up, down and lm_head (the tied embedding too). The dense weight stays
-    next to it for the streaming small-batch kernel, so this is on top of :func:`weight_bytes`."""
+    (``Linear.pack_for_cpu``): QKV, o, gate_up, down and lm_head (the tied embedding too). The few-row kernel's copy
+    (the dense weight, or with ``amx`` its AMX tile layout) stays next to it, so this is on top of
+    :func:`weight_bytes`; with ``amx`` a head tied to the embeddings adds its tile copy too (the dense embedding
+    stays for lookups)."""
     if canonical_dtype(dtype) != "bf16":
         return 0
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     params = n * (h * (q_size + 2 * kv_size) + q_size * h + 3 * h * i) + cfg.vocab_size * h
+    if amx and cfg.tie_word_embeddings:
+        params += cfg.vocab_size * h
     return params * 2
 
 
@@ -534,10 +538,10 @@ def plan(cfg: ModelConfig, device: DeviceSpec, *, context: int, concurrency: int
     w_bytes = sum(parts.values())
     packed = 0
     if device.name == "cpu" and quantization == "none" and dtype == "bf16":
-        from .model.layers.linear import onednn_bf16_available
+        from .model.layers.linear import amx_linear_available, onednn_bf16_available
 
         if onednn_bf16_available():
-            packed = cpu_packed_weight_bytes(cfg, dtype)
+            packed = cpu_packed_weight_bytes(cfg, dtype, amx=amx_linear_available())
     per_token = kv_bytes_per_token(cfg, dtype, kv_cache_dtype)
     budget = int(device.memory_bytes * memory_fraction)
 

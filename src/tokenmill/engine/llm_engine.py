@@ -14,7 +14,7 @@ from ..quant.apply import weight_bytes_by_part
 from ..model.registry import model_class
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from ..model.layers.attention import configure_windows, layer_windows
-from ..model.layers.linear import SMALL_M_ROWS, Linear
+from ..model.layers.linear import Linear
 from ..sampling_params import SamplingParams
 from .async_step import PendingSample, can_defer
 from .block_manager import BlockManager
@@ -384,9 +384,9 @@ class LLMEngine:
                 self.draft_runner.model, lambda: self.draft_runner.kv_caches, False, bs, self.device, self.sampler
             )
         logger.info("speculative decoding: %s, k = %d", spec_cfg.method, spec_cfg.num_speculative_tokens)
-        # Where the linears take the small-row kernel, up to SMALL_M_ROWS rows cost one plain decode step.
-        small_rows = any(isinstance(m, Linear) and m.small_m is not None for m in self.model.modules())
-        rows = spec_cfg.max_verify_rows or (SMALL_M_ROWS if small_rows else None)
+        # Where the linears take a few-row kernel, up to flat_cost_rows rows cost one plain decode step.
+        flat = max((m.flat_cost_rows for m in self.model.modules() if isinstance(m, Linear)), default=0)
+        rows = spec_cfg.max_verify_rows or (flat or None)
         return SpecDecoder(spec_cfg, self.sampler, proposer, self.max_model_len, max_rows=rows)
 
     def _load_draft(self, model: str, num_blocks: int, block_size: int) -> ModelRunner:

@@ -2,16 +2,20 @@
 
 On CPUs with native bf16 (AVX512-BF16/AMX) a bf16 weight is re-laid out once, after loading, into oneDNN's blocked
 format and multiplied with oneDNN's linear kernel: measured on a 2-core Sapphire Rapids for SmolLM2's shapes that
-is 1.8-2.2x faster than `F.linear` at 1-128 rows (the whole per-step matmul time at batch 16 drops from ~16 to
-~8.5 ms) and bit-identical to it. For 1-8 rows (decoding a few sequences, or one sequence verifying speculated
-tokens, where the weights are streamed from memory once per step) the dense weight is kept and multiplied by a
-streaming AVX512-BF16 kernel (cpu_kernels.small_m_linear), which holds ~30 GB/s for 1 to 8 rows on a 2-core Zen 4
-(34 GB/s read bandwidth; weights on huge pages, see hugepages.py) where oneDNN reaches ~14 GB/s at one row, and
-computes each row the same whatever the row count (so speculative verification reproduces plain decoding bit for
-bit); without that kernel the dense copy is released. The same kernel takes 9-16 rows (the decode steps of 9-16
-sequences), where the dot products set the pace: four weight rows in registers feed each loaded x chunk; measured
-against oneDNN over SmolLM2's linears (weights from DRAM, medians of 15 alternating rounds) 10-25% faster at 9-12
-rows and 5-10% at 13-16, and still batch-invariant.
+is 1.8-2.2x faster than `F.linear` at 1-128 rows and bit-identical to it. Decode steps multiply few rows, where the
+weights are streamed from memory once per step, and there a second copy of the weight feeds a few-row kernel:
+
+* with AMX (Sapphire Rapids and later): cpu_kernels.amx_linear for 1-64 rows, the weight in AMX tile order.
+  Measured on a 2-core Xeon with AMX over SmolLM2's 120 layer linears (weights from DRAM, medians of 9 rounds):
+  9.0 / 9.5 / 11.3 / 14.7 ms at 1 / 16 / 32 / 64 rows against oneDNN's 12.7 / 13.2 / 14.5 / 16.1 ms, i.e. one to
+  sixteen rows cost the same. The dense copy is released.
+* with AVX512-BF16 but no AMX (Zen 4): cpu_kernels.small_m_linear for 1-16 rows, reading the dense weight: ~30 GB/s
+  for 1 to 8 rows on a 2-core Zen 4 (34 GB/s read bandwidth) where oneDNN reaches ~14 GB/s at one row; at 9-16 rows
+  the dot products set the pace (four weight rows in registers feed each loaded x chunk), 10-25% faster than oneDNN
+  at 9-12 rows and 5-10% at 13-16.
+
+Both compute each row the same whatever the row count (so speculative verification reproduces plain decoding bit
+for bit). Weights live on huge pages (see hugepages.py).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 SMALL_M_ROWS = 8  # up to this many rows small_m_linear streams the weights at the cost of one row
 SMALL_M_MAX_ROWS = 16  # the most rows small_m_linear takes (9-16: compute-bound, still faster than oneDNN)
+AMX_ROWS = 64  # the most rows amx_linear takes (beyond, oneDNN's GEMM is as fast)
+AMX_FLAT_ROWS = 16  # up to this many rows amx_linear costs about one row
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,30 +51,50 @@ def onednn_bf16_available() -> bool:
         return False
 
 
+def amx_linear_available() -> bool:
+    """Whether this CPU runs cpu_kernels.amx_linear (AMX-BF16, and the OS granted the tile state)."""
+    ops = cpu_ops()
+    return ops is not None and hasattr(ops, "amx_linear") and bool(ops.amx_available())
+
+
 class Linear(nn.Linear):
     """nn.Linear with an optional CPU-packed weight (see the module docstring)."""
 
     packed: torch.Tensor | None = None
-    small_m: object = None  # the streaming kernel for 1-SMALL_M_MAX_ROWS rows (needs the dense weight)
+    small_m: object = None  # the few-row kernel (x, weight, bias) for up to small_m_rows rows
+    small_m_rows: int = 0
+    flat_cost_rows: int = 0  # up to this many rows a call costs about as much as one row
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # amx_linear's copy of the weight, a parameter so that it moves to huge pages with the others
+        self.register_parameter("tiled_weight", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            if self.small_m is not None and x.dim() == 2 and x.shape[0] <= SMALL_M_MAX_ROWS:
-                return self.small_m(x, self.weight, self.bias)
+            if self.small_m is not None and x.dim() == 2 and x.shape[0] <= self.small_m_rows:
+                tiled = self.tiled_weight
+                return self.small_m(x, self.weight if tiled is None else tiled, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return dense(x, self.weight, self.bias)
 
     def pack_for_cpu(self, release_dense: bool = True) -> bool:
-        """Re-lays out a bf16 CPU weight for oneDNN; returns whether it did. With `release_dense` the dense weight
-        is replaced by an empty tensor (pass False when the weight is shared, e.g. tied embeddings)."""
+        """Re-lays out a bf16 CPU weight for oneDNN (and for the few-row kernel this CPU has); returns whether it
+        did. With `release_dense` the dense weight is replaced by an empty tensor unless the few-row kernel reads
+        it (pass False when the weight is shared, e.g. tied embeddings)."""
         w = self.weight
         if self.packed is not None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not onednn_bf16_available():
             return False
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
         ops = cpu_ops()
-        if ops is not None and hasattr(ops, "small_m_linear") and w.shape[1] % 32 == 0 and w.is_contiguous():
-            self.small_m = ops.small_m_linear
-        elif release_dense:
+        n, k = w.shape
+        if amx_linear_available() and n % 16 == 0 and k % 32 == 0:
+            self.tiled_weight = nn.Parameter(ops.amx_pack(w.detach()), requires_grad=False)
+            self.small_m, self.small_m_rows, self.flat_cost_rows = ops.amx_linear, AMX_ROWS, AMX_FLAT_ROWS
+        elif ops is not None and hasattr(ops, "small_m_linear") and k % 32 == 0 and w.is_contiguous():
+            self.small_m, self.small_m_rows, self.flat_cost_rows = ops.small_m_linear, SMALL_M_MAX_ROWS, SMALL_M_ROWS
+            return True
+        if release_dense:
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return True
 
