@@ -742,13 +742,17 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::opti
   TORCH_CHECK(amx_permitted(), "amx_linear: the kernel refused the AMX tile state");
   const int64_t M = x.size(0), K = x.size(1), NT = wt.size(0), KB = wt.size(1), N = NT * 16;
   const int64_t MC = (M + 15) / 16;
-  auto xp = at::zeros({MC * 16, K}, x.options());
-  xp.narrow(0, 0, M).copy_(x);
+  // x in 16-row chunks, zero-padded (a per-thread buffer: ATen's zeros + copy cost more than the copy itself)
+  thread_local std::vector<uint16_t> xbuf;
+  xbuf.resize(MC * 16 * K);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t r = 0; r < M; ++r) std::memcpy(xbuf.data() + r * K, xs + r * x.stride(0), K * 2);
+  std::memset(xbuf.data() + M * K, 0, (MC * 16 - M) * K * 2);
   at::Tensor b;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) { b = bias->to(at::kFloat).contiguous(); bp = b.data_ptr<float>(); }
   auto out = at::empty({M, N}, x.options());
-  const uint16_t* xa = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+  const uint16_t* xa = xbuf.data();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   // cbuf holds the g column blocks of one 16-row chunk, block j at j * 256
