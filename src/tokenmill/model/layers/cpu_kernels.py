@@ -228,34 +228,40 @@ static inline void prefetch_token(const at::BFloat16* kp, const at::BFloat16* vp
 
 constexpr int64_t kPrefetchTokens = 32;  // how far ahead the first pass over K fetches K and V rows
 
-// scores[t] = scale * q.k_t for one query head over tokens [start, len), 16 tokens per reduction. With vp (the
-// first head of a sequence) it also prefetches the K and V rows kPrefetchTokens ahead: the sequence's rows are then
-// in L2 for its other heads and for P.V, and the memory system works while this pass computes.
+// scores[h * npad + t - start] = scale * q_h.k_t for every query head over tokens [start, len), in one pass over
+// the K rows (a token's row holds all KV heads, so the pass reads each block front to back), 16 tokens per
+// reduction; per-token partial sums wait in buf [Hq x 16]. It also prefetches the K and V rows kPrefetchTokens
+// ahead: the memory system works while this pass computes, and the V rows are in L2 for P.V.
 template <int NC>
-static inline void qk_head(const __m512bh* qv, const at::BFloat16* kp, const int64_t* table, int64_t shift,
-                           int64_t mask, int64_t bs, int64_t RD, int64_t koff, int64_t start, int64_t len, float sc,
-                           float* scores, const at::BFloat16* vp = nullptr) {
-  __m512 acc[16];
+static inline void qk_heads(const __m512bh* qv, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
+                            int64_t shift, int64_t mask, int64_t bs, int64_t RD, int64_t Hq, int64_t G,
+                            int64_t start, int64_t len, float sc, float* scores, int64_t npad, __m512* buf) {
+  constexpr int D = NC * 32;
   const __m512 scale = _mm512_set1_ps(sc);
   for (int64_t t0 = start; t0 < len; t0 += 16) {
     const int64_t cnt = std::min<int64_t>(16, len - t0);
     for (int64_t j = 0; j < cnt; ++j) {
       const int64_t t = t0 + j;
-      if (vp != nullptr && t + kPrefetchTokens < len) {
+      if (t + kPrefetchTokens < len) {
         const int64_t ta = t + kPrefetchTokens;
         prefetch_token(kp, vp, table[ta >> shift] * bs + (ta & mask), RD);
       }
-      const at::BFloat16* row = kp + (table[t >> shift] * bs + (t & mask)) * RD + koff;
-      __m512 a = _mm512_setzero_ps();
-      for (int c = 0; c < NC; ++c) {
-        __m512bh kv;
-        std::memcpy(&kv, row + c * 32, 64);
-        a = _mm512_dpbf16_ps(a, qv[c], kv);
+      const at::BFloat16* row = kp + (table[t >> shift] * bs + (t & mask)) * RD;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const at::BFloat16* kr = row + (h / G) * D;
+        __m512 a = _mm512_setzero_ps();
+        for (int c = 0; c < NC; ++c) {
+          __m512bh kv;
+          std::memcpy(&kv, kr + c * 32, 64);
+          a = _mm512_dpbf16_ps(a, qv[h * NC + c], kv);
+        }
+        buf[h * 16 + j] = a;
       }
-      acc[j] = a;
     }
-    for (int64_t j = cnt; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-    _mm512_storeu_ps(scores + (t0 - start), _mm512_mul_ps(reduce16(acc), scale));
+    for (int64_t h = 0; h < Hq; ++h) {
+      for (int64_t j = cnt; j < 16; ++j) buf[h * 16 + j] = _mm512_setzero_ps();
+      _mm512_storeu_ps(scores + h * npad + (t0 - start), _mm512_mul_ps(reduce16(buf + h * 16), scale));
+    }
   }
 }
 
@@ -306,8 +312,9 @@ static inline void softmax_padded(float* sg, int64_t n, int64_t npad) {
 
 // Prefetches into L2 every 64-byte line of the blocks b0..b1 of a sequence's table (the attention sinks' blocks).
 // Blocks sit anywhere in the cache, so the hardware prefetchers stall at every block boundary. The window itself is
-// fetched a fixed distance ahead instead (qk_head): issuing a whole sequence up front gave 4.1 ms where the
-// distance gives ~3.0 ms on a 2-core Xeon (16 sequences x 30 layers, 150 tokens; 64 sequences: 20.7 -> 15.6 ms).
+// fetched a fixed distance ahead instead (qk_heads): issuing a whole sequence up front gave 4.1 ms where the
+// distance, in one pass over the rows for all heads, gives ~2.9 ms on a 2-core Xeon (16 sequences x 30 layers, 150
+// tokens; 64 sequences: 20.7 -> 14.1 ms; 128 x 200 tokens: 58.7 -> 40.3 ms).
 static inline void prefetch_blocks(const at::BFloat16* base, const int64_t* table, int64_t b0, int64_t b1,
                                    int64_t block_elems) {
   for (int64_t b = b0; b <= b1; ++b) {
@@ -320,10 +327,10 @@ template <int NC>
 static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
                             int64_t shift, int64_t mask, int64_t bs, int64_t Hq, int64_t Hkv, int64_t ns,
                             int64_t start, int64_t len, float sc, std::vector<float>& scores,
-                            std::vector<float>& acc, at::BFloat16* o) {
+                            std::vector<float>& acc, std::vector<__m512>& qkbuf, at::BFloat16* o) {
   constexpr int D = NC * 32, NF = NC * 2, HB = 24 / NF > 0 ? 24 / NF : 1;
   const int64_t G = Hq / Hkv, RD = Hkv * D, n = ns + len - start;
-  // qk_head stores whole groups of 16: with sinks the window's scores start at ns, so leave one more group of room
+  // qk_heads stores whole groups of 16: with sinks the window's scores start at ns, so leave one more group of room
   const int64_t npad = ((n + 15) & ~int64_t(15)) + (ns ? 16 : 0);
   scores.resize(Hq * npad);
   const int64_t block_elems = bs * RD;
@@ -333,13 +340,10 @@ static void decode_seq_bf16(const __m512bh* qv, const at::BFloat16* kp, const at
   }
   for (int64_t t = start; t < std::min(len, start + kPrefetchTokens); ++t)
     prefetch_token(kp, vp, table[t >> shift] * bs + (t & mask), RD);
-  for (int64_t h = 0; h < Hq; ++h) {
-    float* sg = scores.data() + h * npad;
-    if (ns) qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, 0, ns, sc, sg);
-    qk_head<NC>(qv + h * NC, kp, table, shift, mask, bs, RD, (h / G) * D, start, len, sc, sg + ns,
-                h == 0 ? vp : nullptr);
-    softmax_padded(sg, n, npad);
-  }
+  qkbuf.resize(Hq * 16);
+  if (ns) qk_heads<NC>(qv, kp, vp, table, shift, mask, bs, RD, Hq, G, 0, ns, sc, scores.data(), npad, qkbuf.data());
+  qk_heads<NC>(qv, kp, vp, table, shift, mask, bs, RD, Hq, G, start, len, sc, scores.data() + ns, npad, qkbuf.data());
+  for (int64_t h = 0; h < Hq; ++h) softmax_padded(scores.data() + h * npad, n, npad);
   acc.resize(Hq * D);
   for (int64_t g = 0; g < Hkv; ++g) {
     for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += HB) {
@@ -376,6 +380,7 @@ static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const 
   {
     std::vector<__m512bh> qv(Hq * NC);
     std::vector<float> scores, acc;
+    std::vector<__m512> qkbuf;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t len = lp[b];
@@ -385,10 +390,10 @@ static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const 
       const int64_t* table = btp + b * maxb;
       at::BFloat16* o = op + b * Hq * D;
       switch (NC) {
-        case 1: decode_seq_bf16<1>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
-        case 2: decode_seq_bf16<2>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
-        case 4: decode_seq_bf16<4>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
-        default: decode_seq_bf16<8>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, o); break;
+        case 1: decode_seq_bf16<1>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, qkbuf, o); break;
+        case 2: decode_seq_bf16<2>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, qkbuf, o); break;
+        case 4: decode_seq_bf16<4>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, qkbuf, o); break;
+        default: decode_seq_bf16<8>(qv.data(), kp, vp, table, shift, mask, bs, Hq, Hkv, ns, start, len, sc, scores, acc, qkbuf, o); break;
       }
     }
   }
