@@ -6,9 +6,9 @@ element-wise steps of a decoder layer.
   blocks, fp32 accumulation, OpenMP over the batch. Optional sliding window plus attention sinks (the first
   `sinks` tokens stay visible). paged_decode_int8 reads an int8 cache with one float16 scale per token per KV head
   and dequantises rows as it reads them.
-* amx_linear (CPUs with AMX-BF16): x @ W.T for 1-64 rows from weights re-laid out into AMX tiles (amx_pack); it
-  streams the weights near the machine's read bandwidth where oneDNN's bf16 GEMM reaches ~70% of it at these
-  row counts.
+* amx_linear (CPUs with AMX-BF16): x @ W.T for 1-64 rows from weights re-laid out into AMX tiles (amx_pack); on a
+  2-core Xeon (~31 GB/s read bandwidth) it streams the weights at ~22 GB/s for 1-16 rows, where oneDNN's bf16 GEMM
+  reaches 13-17 GB/s.
 * rms_norm / add_rms_norm (residual add fused in, in place), silu_and_mul, rotary_store (RoPE on q and k in place
   inside the fused QKV output, plus the KV-cache write): at small batch a decoder step is dominated by the ~40
   small ATen ops per layer these replace; each one rounds to the model dtype where Hugging Face's eager code does.
@@ -536,8 +536,9 @@ static void store_block16(__m512 (*acc)[16], int64_t M, int rows, const at::BFlo
 }
 
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias) for M <= 8 rows (decode of a few sequences, or one verifying speculated
-// tokens; 9-16 rows: gemm_block16_wide below) in bf16, fp32 accumulation; each row is computed the same whatever M is (batch-invariant): every output is
-// one dot-product chain over K in order, then a 16-way shuffle-tree reduction shared by 16 outputs.
+// tokens; 9-16 rows: gemm_block16_wide below) in bf16, fp32 accumulation; each row is computed the same whatever M
+// is (batch-invariant): every output is one dot-product chain over K in order, then a 16-way shuffle-tree reduction
+// shared by 16 outputs.
 // Blocks of 16 weight rows, each row read once for all M x rows (the weights stream from memory once per call).
 // Every 64-byte line is prefetched into L2 8 KiB ahead, so the stream does not wait on the dot products: measured on
 // a 2-core Zen 4 for SmolLM2's linears (weights from DRAM) this holds ~30 GB/s, ~9 ms per model pass, flat from 1 to

@@ -93,7 +93,7 @@ class Linear(nn.Linear):
             self.small_m, self.small_m_rows, self.flat_cost_rows = ops.amx_linear, AMX_ROWS, AMX_FLAT_ROWS
         elif ops is not None and hasattr(ops, "small_m_linear") and k % 32 == 0 and w.is_contiguous():
             self.small_m, self.small_m_rows, self.flat_cost_rows = ops.small_m_linear, SMALL_M_MAX_ROWS, SMALL_M_ROWS
-            return True
+            release_dense = False  # small_m_linear reads the dense weight
         if release_dense:
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return True
