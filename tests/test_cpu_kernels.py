@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from tokenmill.model.layers import cpu_kernels
 from tokenmill.model.layers.activation import silu_and_mul
-from tokenmill.model.layers.linear import Linear, onednn_bf16_available
+from tokenmill.model.layers.linear import AMX_ROWS, Linear, onednn_bf16_available
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -117,9 +117,9 @@ def test_amx_linear_matches_f_linear_and_is_batch_invariant(ops, n, k):
     b = torch.randn(n, dtype=torch.bfloat16)
     tiled = ops.amx_pack(w)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-    x = torch.randn(64, k, dtype=torch.bfloat16)
-    alone = torch.cat([ops.amx_linear(x[i : i + 1], tiled, b) for i in range(64)])
-    for rows in (1, 5, 16, 17, 40, 64):  # one and several 16-row chunks, partial chunks
+    x = torch.randn(AMX_ROWS, k, dtype=torch.bfloat16)
+    alone = torch.cat([ops.amx_linear(x[i : i + 1], tiled, b) for i in range(AMX_ROWS)])
+    for rows in (1, 5, 16, 17, 40, 64, 129, AMX_ROWS):  # one and several 16-row chunks, partial chunks
         got = ops.amx_linear(x[:rows], tiled, b)
         torch.testing.assert_close(got, F.linear(x[:rows].float(), w.float(), b.float()).bfloat16(),
                                    atol=0.05, rtol=1e-2)

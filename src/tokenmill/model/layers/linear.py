@@ -5,10 +5,10 @@ format and multiplied with oneDNN's linear kernel: measured on a 2-core Sapphire
 is 1.8-2.2x faster than `F.linear` at 1-128 rows and bit-identical to it. Decode steps multiply few rows, where the
 weights are streamed from memory once per step, and there a second copy of the weight feeds a few-row kernel:
 
-* with AMX (Sapphire Rapids and later): cpu_kernels.amx_linear for 1-64 rows, the weight in AMX tile order.
-  Measured on a 2-core Xeon with AMX over SmolLM2's 120 layer linears (weights from DRAM, medians of 9 rounds):
-  9.0 / 9.5 / 11.3 / 14.7 ms at 1 / 16 / 32 / 64 rows against oneDNN's 12.7 / 13.2 / 14.5 / 16.1 ms, i.e. one to
-  sixteen rows cost the same. The dense copy is released.
+* with AMX (Sapphire Rapids and later): cpu_kernels.amx_linear for 1-256 rows (128 for a vocabulary-sized head),
+  the weight in AMX tile order. Measured on a 2-core Xeon with AMX over SmolLM2's 120 layer linears (weights from
+  DRAM, medians of 9 rounds): 9.0 / 9.5 / 11.3 / 14.7 ms at 1 / 16 / 32 / 64 rows against oneDNN's 12.7 / 13.2 /
+  14.5 / 16.1 ms, i.e. one to sixteen rows cost the same; see AMX_ROWS for more rows. The dense copy is released.
 * with AVX512-BF16 but no AMX (Zen 4): cpu_kernels.small_m_linear for 1-16 rows, reading the dense weight: ~30 GB/s
   for 1 to 8 rows on a 2-core Zen 4 (34 GB/s read bandwidth) where oneDNN reaches ~14 GB/s at one row; at 9-16 rows
   the dot products set the pace (four weight rows in registers feed each loaded x chunk), 10-25% faster than oneDNN
@@ -31,7 +31,12 @@ logger = logging.getLogger(__name__)
 
 SMALL_M_ROWS = 8  # up to this many rows small_m_linear streams the weights at the cost of one row
 SMALL_M_MAX_ROWS = 16  # the most rows small_m_linear takes (9-16: compute-bound, still faster than oneDNN)
-AMX_ROWS = 64  # the most rows amx_linear takes (beyond, oneDNN's GEMM is as fast)
+# The most rows amx_linear takes; beyond, oneDNN's GEMM is faster. Measured on a 2-core Xeon over SmolLM2's 120
+# layer linears (128 rows: 18-20 ms against oneDNN's 27 ms; 256: 34 vs 39 ms; 512: 62 vs 55 ms) and its
+# 49152-column head, whose output writes weigh more (128 rows: 4.1 vs 4.6 ms; 256: 8.7 vs 7.4 ms).
+AMX_ROWS = 256
+AMX_WIDE_ROWS = 128  # for layers with more than WIDE_COLUMNS output columns
+WIDE_COLUMNS = 16384
 AMX_FLAT_ROWS = 16  # up to this many rows amx_linear costs about one row
 
 
@@ -90,7 +95,8 @@ class Linear(nn.Linear):
         n, k = w.shape
         if amx_linear_available() and n % 16 == 0 and k % 32 == 0:
             self.tiled_weight = nn.Parameter(ops.amx_pack(w.detach()), requires_grad=False)
-            self.small_m, self.small_m_rows, self.flat_cost_rows = ops.amx_linear, AMX_ROWS, AMX_FLAT_ROWS
+            rows = AMX_WIDE_ROWS if n > WIDE_COLUMNS else AMX_ROWS
+            self.small_m, self.small_m_rows, self.flat_cost_rows = ops.amx_linear, rows, AMX_FLAT_ROWS
         elif ops is not None and hasattr(ops, "small_m_linear") and k % 32 == 0 and w.is_contiguous():
             self.small_m, self.small_m_rows, self.flat_cost_rows = ops.small_m_linear, SMALL_M_MAX_ROWS, SMALL_M_ROWS
             release_dense = False  # small_m_linear reads the dense weight
