@@ -78,7 +78,7 @@ def test_rotary_store_matches_rotate_then_index_copy(ops, dtype):
 
 
 @pytest.mark.skipif(not onednn_bf16_available(), reason="no native bf16 in oneDNN on this CPU")
-@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])
 def test_packed_bf16_linear_equals_f_linear(rows):
     torch.manual_seed(3)
     lin = Linear(96, 160, bias=True).to(torch.bfloat16)
@@ -90,6 +90,8 @@ def test_packed_bf16_linear_equals_f_linear(rows):
     else:
         assert lin.weight.numel() == 0  # the dense copy is released
     torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-2, rtol=1e-2)
+    logits = lin(x, float_out=True)  # what the model's head returns: the bf16 output widened, on every path
+    assert logits.dtype == torch.float32 and torch.equal(logits, lin(x).float())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 11, 13, 16])  # 9-16: the four-weight-row kernel
@@ -106,6 +108,29 @@ def test_small_m_linear_matches_f_linear(ops, rows):
     # on it to reproduce plain decoding)
     alone = torch.cat([ops.small_m_linear(x[i : i + 1], w, b) for i in range(rows)])
     assert torch.equal(ops.small_m_linear(x, w, b), alone)
+
+
+def test_argmax_rows_matches_torch_max_indices(ops):
+    if not hasattr(ops, "argmax_rows"):
+        pytest.skip("no AVX-512 on this CPU")
+    torch.manual_seed(8)
+    for shape in [(128, 49152), (1, 49152), (7, 37), (3, 16), (2, 1), (0, 5)]:
+        x = torch.randn(*shape)
+        assert torch.equal(ops.argmax_rows(x), x.max(dim=-1).indices), shape
+    x = torch.zeros(6, 100)
+    x[1, 50] = x[1, 70] = 1.0  # ties: the first
+    x[2, 33] = x[2, 40] = float("nan")  # NaN wins, the first one, as in torch.max
+    x[3] = float("-inf")
+    x[4, 99] = float("nan")  # in the scalar tail
+    x[5, 3] = float("inf")
+    assert ops.argmax_rows(x).tolist() == x.max(dim=-1).indices.tolist() == [0, 50, 33, 0, 99, 3]
+    wide = torch.randn(4, 200)
+    assert torch.equal(ops.argmax_rows(wide[:, :150]), wide[:, :150].max(dim=-1).indices)  # strided rows
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax_rows(torch.zeros(2, 8, dtype=torch.bfloat16))
+    # the sampler's greedy path goes through it
+    from tokenmill.engine.sampler import _argmax
+    assert torch.equal(_argmax(wide), wide.max(dim=-1).indices)
 
 
 @pytest.mark.parametrize("n,k", [(160, 96), (48, 1536), (3072, 576)])
@@ -128,6 +153,8 @@ def test_amx_linear_matches_f_linear_and_is_batch_invariant(ops, n, k):
         torch.testing.assert_close(torch.ops.mkldnn._linear_pointwise(x[:rows], packed, b, "none", [], ""),
                                    F.linear(x[:rows], w, b), atol=0.05, rtol=1e-2)
     torch.testing.assert_close(ops.amx_linear(x[:3], tiled, None), F.linear(x[:3], w), atol=0.05, rtol=1e-2)
+    # float output: exactly the bf16 result widened
+    assert torch.equal(ops.amx_linear(x[:40], tiled, b, True), alone[:40].float())
     view = torch.cat([x[:8], x[:8]], dim=1)[:, :k]  # rows 2k apart, like a slice of a fused output
     assert torch.equal(ops.amx_linear(view, tiled, b), alone[:8])
     with pytest.raises(RuntimeError, match="N % 16 == 0"):

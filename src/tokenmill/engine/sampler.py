@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.model.layers.cpu_kernels import cpu_ops
 from tokenmill.sampling_params import SamplingParams
 
 __all__ = ["SamplingRow", "SampleResult", "Sampler", "apply_penalties", "compute_logprobs"]
@@ -55,7 +56,12 @@ def _flat_indices(
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row argmax (first maximum on ties). On CPU `max(dim)` is several times faster than `argmax` over a vocabulary."""
+    """Row argmax (first maximum on ties, the first NaN if any). On CPU the compiled kernel (float32), else `max(dim)`,
+    several times faster than `argmax` over a vocabulary."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] and x.stride(1) == 1:
+        ops = cpu_ops()
+        if ops is not None and hasattr(ops, "argmax_rows"):
+            return ops.argmax_rows(x)
     return x.max(dim=-1).indices
 
 

@@ -122,7 +122,8 @@ class LlamaForCausalLM(nn.Module):
             h = self.norm(h.index_select(0, logits_indices))
         else:
             h, _ = self.norm.add_forward(h.index_select(0, logits_indices), residual.index_select(0, logits_indices))
-        return self.lm_head(h).float()
+        head = self.lm_head
+        return head(h, float_out=True) if isinstance(head, Linear) else head(h).float()
 
     # ---- weight loading -------------------------------------------------------------------------------------
     _STACKED = {

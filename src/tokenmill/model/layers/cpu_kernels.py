@@ -656,6 +656,57 @@ static void gemm_block16_wide(const at::BFloat16* xp, int64_t xs, const at::BFlo
   });
 }
 
+// Row argmax of float32 [R, V] like torch.max(dim=-1).indices: the first maximum, or the first NaN when a row has
+// one. One vector pass for the maximum, then a scan to its first position (rows in parallel). Greedy sampling over a
+// 49k vocabulary at 128 rows: ~1 ms where torch's max took ~3 ms in the engine.
+static inline bool is_nan_bits(float f) {  // std::isnan is folded to false under -ffast-math
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x7fffffffu) > 0x7f800000u;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 0,
+              "argmax_rows: float32 [R, V] with unit stride, V > 0");
+  const int64_t R = x.size(0), V = x.size(1), xs = x.stride(0);
+  auto out = at::empty({R}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = xp + r * xs;
+      __m512 m = _mm512_set1_ps(-INFINITY);
+      __mmask16 nan = 0;
+      int64_t j = 0;
+      for (; j + 16 <= V; j += 16) {
+        const __m512 v = _mm512_loadu_ps(row + j);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+      }
+      float best = _mm512_reduce_max_ps(m);
+      for (int64_t t = j; t < V; ++t) {
+        if (is_nan_bits(row[t])) nan = 1;
+        best = std::max(best, row[t]);
+      }
+      int64_t idx = 0;
+      if (nan) {
+        while (!is_nan_bits(row[idx])) ++idx;
+      } else {
+        const __m512 b = _mm512_set1_ps(best);
+        int64_t t = 0;
+        for (; t + 16 <= V; t += 16) {
+          const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + t), b, _CMP_EQ_OQ);
+          if (eq) break;
+        }
+        while (row[t] != best) ++t;
+        idx = t;
+      }
+      op[r] = idx;
+    }
+  });
+  return out;
+}
+
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(0) >= 1 && x.size(0) <= 16,
               "small_m_linear: x [M <= 16, K], w [N, K]");
@@ -756,7 +807,10 @@ static inline void amx_group(const uint16_t* a, int64_t a_stride_bytes, const ui
   if (G > 3) _tile_stored(3, cbuf + 768, 64);
 }
 
-at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias) {
+// float_out: the same bf16-rounded values, widened to float32 (what `.float()` of the bf16 result gives, without
+// another pass over a vocabulary-sized output)
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
+                      bool float_out) {
   TORCH_CHECK(x.dim() == 2 && wt.dim() == 4 && wt.size(2) == 16 && wt.size(3) == 32 && x.size(1) == wt.size(1) * 32,
               "amx_linear: x [M, K], weight packed by amx_pack");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wt.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
@@ -773,18 +827,22 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::opti
   at::Tensor b;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) { b = bias->to(at::kFloat).contiguous(); bp = b.data_ptr<float>(); }
-  auto out = at::empty({M, N}, x.options());
+  auto out = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   const uint16_t* xa = xbuf.data();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  uint16_t* op = float_out ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* fp = float_out ? out.data_ptr<float>() : nullptr;
   // cbuf holds the g column blocks of one 16-row chunk, block j at j * 256
   auto emit = [&](const float* cbuf, int64_t row0, int64_t rows, int64_t t, int g) {
     for (int j = 0; j < g; ++j) {
       const __m512 bv = bp ? _mm512_loadu_ps(bp + (t + j) * 16) : _mm512_setzero_ps();
       for (int64_t r = 0; r < rows; ++r) {
         const float* c = cbuf + j * 256 + r * 16;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (row0 + r) * N + (t + j) * 16),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c), bv)));
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c), bv));
+        if (fp)
+          _mm512_storeu_ps(fp + (row0 + r) * N + (t + j) * 16, _mm512_cvtpbh_ps(v));
+        else
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (row0 + r) * N + (t + j) * 16), (__m256i)v);
       }
     }
   };
@@ -1074,6 +1132,8 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.def("paged_decode_int8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor v_scales, Tensor block_tables, Tensor context_lens, int window, float scale, int sinks=0) -> Tensor");
   m.impl("paged_decode_int8", c10::DispatchKey::CPU, TORCH_FN(paged_decode_int8));
 #ifdef TOKENMILL_AVX512_BF16
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("small_m_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("small_m_linear", c10::DispatchKey::CPU, TORCH_FN(small_m_linear));
 #endif
@@ -1082,7 +1142,7 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.impl("amx_available", c10::DispatchKey::CatchAll, TORCH_FN(amx_available));
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.impl("amx_pack", c10::DispatchKey::CPU, TORCH_FN(amx_pack));
-  m.def("amx_linear(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor");
+  m.def("amx_linear(Tensor x, Tensor packed_weight, Tensor? bias, bool float_out=False) -> Tensor");
   m.impl("amx_linear", c10::DispatchKey::CPU, TORCH_FN(amx_linear));
 #endif
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

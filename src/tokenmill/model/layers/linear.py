@@ -75,13 +75,20 @@ class Linear(nn.Linear):
         # amx_linear's copy of the weight, a parameter so that it moves to huge pages with the others
         self.register_parameter("tiled_weight", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """x @ W.T (+ bias). `float_out`: the result rounded to the layer's dtype, then widened to float32 (what
+        `.float()` gives); amx_linear writes it so directly, which saves a pass over a vocabulary-sized output."""
         if self.packed is not None:
             if self.small_m is not None and x.dim() == 2 and x.shape[0] <= self.small_m_rows:
                 tiled = self.tiled_weight
-                return self.small_m(x, self.weight if tiled is None else tiled, self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return dense(x, self.weight, self.bias)
+                if tiled is not None:
+                    return self.small_m(x, tiled, self.bias, float_out)
+                out = self.small_m(x, self.weight, self.bias)
+            else:
+                out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        else:
+            out = dense(x, self.weight, self.bias)
+        return out.float() if float_out else out
 
     def pack_for_cpu(self, release_dense: bool = True) -> bool:
         """Re-lays out a bf16 CPU weight for oneDNN (and for the few-row kernel this CPU has); returns whether it
