@@ -1,9 +1,10 @@
 """decode-1 (../shared/WORKLOADS.md): one request, 16-token ShareGPT prompt, 256 new tokens, greedy; tokenmill
 (in-process engine, bf16 weights) against llama-cpp-python (in-process `Llama`, the shipped Q4_1 GGUF, greedy,
 repeat penalty off) in the same run. Decode tokens/s = (tokens - 1) / (time of last token - time of first);
-median of --repeats runs each, the two engines alternating run by run. Writes benchmarks/results/decode1_cpu.{json,png}.
+median of --repeats runs each, the two engines alternating run by run. Writes benchmarks/results/<--name>.{json,png}
+(default decode1_cpu).
 
-    python benchmarks/bench_decode1.py [--repeats 7] [--threads 2]
+    python benchmarks/bench_decode1.py [--repeats 7] [--threads 2] [--name decode1_cpu_amx]
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--name", default="decode1_cpu", help="output file stem")
     args = p.parse_args(argv)
 
     workload = build_workload("decode-1", load_hf_tokenizer())
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     results["bf16_bandwidth_limit_tok_s"] = bw / (2 * params)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "decode1_cpu.json")
+    path = os.path.join(args.out_dir, f"{args.name}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     import matplotlib
