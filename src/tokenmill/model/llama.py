@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .cpu_decode import FusedDecode, fused_decode_for
 from .layers.activation import silu_and_mul
 from .layers.attention import AttentionMetadata, PagedAttention
 from .layers.hugepages import move_weights_to_huge_pages
@@ -93,16 +94,18 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
+        self.fused_decode: FusedDecode | None = None  # set by prepare_for_inference where the CPU allows
 
     def prepare_for_inference(self) -> None:
         """Called once after loading: device-specific weight layouts (oneDNN-packed bf16 linears on CPU, int4
-        kernel packs, weights on huge pages)."""
+        kernel packs, weights on huge pages) and the fused CPU decode path (cpu_decode.py)."""
         shared = {id(self.embed_tokens.weight)} if isinstance(self.embed_tokens, nn.Embedding) else set()
         pack_linear_weights(self, shared=shared)
         for module in self.modules():
             if isinstance(module, QuantLinear):
                 module.prepare()
         move_weights_to_huge_pages(self)
+        self.fused_decode = fused_decode_for(self)
 
     def forward(
         self,
@@ -115,9 +118,13 @@ class LlamaForCausalLM(nn.Module):
         """Runs the flat batch; returns float32 logits for the rows in `logits_indices` only."""
         h = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, h.dtype)
-        residual = None
-        for layer, cache in zip(self.layers, kv_caches):
-            h, residual = layer(h, residual, rope, cache, meta)
+        fused = self.fused_decode
+        if fused is not None and fused.accepts(h.shape[0], kv_caches, meta):
+            h, residual = fused(h, rope, kv_caches, meta)
+        else:
+            residual = None
+            for layer, cache in zip(self.layers, kv_caches):
+                h, residual = layer(h, residual, rope, cache, meta)
         if residual is None:  # no layers
             h = self.norm(h.index_select(0, logits_indices))
         else:

@@ -1128,6 +1128,52 @@ void rotary_store_int8(at::Tensor& qkv, const at::Tensor& positions, const at::T
   });
 }
 
+#ifdef TOKENMILL_AVX512_BF16
+// ------------------------------------------------------------------------------------------ fused decode layers
+// Every decoder layer of a Llama-family model over a decode-only batch, in one call: the kernels above in the order
+// of llama.py's layer loop, bit for bit, without its ~9 Python-level op dispatches and 8 module calls per layer
+// (batch 1 on SmolLM2: ~3 ms of a ~14 ms step). Linear weights are AMX tiles (amx_pack) or dense for
+// small_m_linear; per layer: weights [in_norm, qkv, o, post_norm, gate_up, down], biases [qkv, o, gate_up, down].
+// kv_caches: one [2, blocks, block_size, Hkv, D] tensor per layer.
+// `residual` comes in as the embeddings and leaves as the residual stream; returns the last layer's MLP output.
+static at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+#ifdef TOKENMILL_AMX
+  if (w.dim() == 4) return amx_linear(x, w, b, false);
+#endif
+  return small_m_linear(x, w, b);
+}
+
+at::Tensor decode_layers(
+    at::Tensor& residual, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& context_lens,
+    at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases, at::TensorList kv_caches,
+    at::IntArrayRef windows, at::IntArrayRef sinks, int64_t num_heads, int64_t num_kv_heads,
+    int64_t head_dim, double eps, double scale) {
+  const int64_t L = static_cast<int64_t>(kv_caches.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == 6 * L &&
+              static_cast<int64_t>(biases.size()) == 4 * L && static_cast<int64_t>(windows.size()) == L && static_cast<int64_t>(sinks.size()) == L,
+              "decode_layers: per layer 6 weights, 4 biases, a KV cache, a window and a sink count");
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == block_tables.size(0) &&
+              residual.size(0) == context_lens.size(0), "decode_layers: one row per decoding sequence");
+  const int64_t T = residual.size(0), qd = num_heads * head_dim;
+  at::Tensor h, x;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + 6 * l;
+    auto bias = [&](int i) { return biases.get(4 * l + i); };
+    at::Tensor kc = kv_caches[l].select(0, 0), vc = kv_caches[l].select(0, 1);
+    x = l == 0 ? rms_norm(residual, w[0], eps) : add_rms_norm(residual, h, w[0], eps);
+    at::Tensor qkv = few_rows_linear(x, w[1], bias(0));
+    rotary_store(qkv, positions, cos, sin, kc, vc, slot_mapping, num_heads, num_kv_heads, head_dim);
+    at::Tensor q = qkv.narrow(1, 0, qd).view({T, num_heads, head_dim}).contiguous();
+    at::Tensor o = paged_decode(q, kc, vc, block_tables, context_lens, windows[l], scale, sinks[l]);
+    h = few_rows_linear(o.view({T, qd}), w[2], bias(1));
+    x = add_rms_norm(residual, h, w[3], eps);
+    h = few_rows_linear(silu_and_mul(few_rows_linear(x, w[4], bias(2))), w[5], bias(3));
+  }
+  return h;
+}
+#endif
+
 TORCH_LIBRARY(tokenmill_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, int window, float scale, int sinks=0) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
@@ -1138,6 +1184,8 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("small_m_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("small_m_linear", c10::DispatchKey::CPU, TORCH_FN(small_m_linear));
+  m.def("decode_layers(Tensor(a!) residual, Tensor positions, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor[] weights, Tensor?[] biases, Tensor(b!)[] kv_caches, int[] windows, int[] sinks, int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> Tensor");
+  m.impl("decode_layers", c10::DispatchKey::CPU, TORCH_FN(decode_layers));
 #endif
 #ifdef TOKENMILL_AMX
   m.def("amx_available() -> bool");

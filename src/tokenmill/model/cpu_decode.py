@@ -1,0 +1,79 @@
+"""Decode-only steps on CPU in one kernel call.
+
+A decode step of a small model at small batch is short (SmolLM2-135M, one sequence: ~12 ms), and the Python layer
+loop costs a fixed ~3 ms of it: per layer eight module calls and nine op dispatches, each a few microseconds.
+cpu_kernels' `decode_layers` runs the same kernels in the same order from C++, so its results are bit-identical to
+the layer loop's (the equivalence tests compare the two). It serves batches of decodes only, on a model whose
+every layer linear has a few-row CPU kernel (amx_linear or small_m_linear) for that many rows and whose KV cache
+is a plain tensor in the model dtype; anything else (prefill chunks, speculative verification, int8 KV, quantised
+or fp32 weights, CUDA) runs the layer loop.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers.attention import AttentionMetadata, paged_attentions
+from .layers.cpu_kernels import cpu_ops
+from .layers.linear import Linear
+from .layers.norm import RMSNorm
+from .layers.rotary import RopeInputs
+
+
+class FusedDecode:
+    """The per-layer weights of a prepared Llama-family model, gathered once for `decode_layers`."""
+
+    def __init__(self, model: nn.Module, ops: object) -> None:
+        cfg = model.config
+        self.op = ops.decode_layers
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = model.layers[0].input_layernorm.eps
+        self.weights: list[torch.Tensor] = []
+        self.biases: list[torch.Tensor | None] = []
+        rows = []
+        for layer in model.layers:
+            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            self.weights += [layer.input_layernorm.weight, *[_kernel_weight(m) for m in linears[:2]],
+                             layer.post_attention_layernorm.weight, *[_kernel_weight(m) for m in linears[2:]]]
+            self.biases += [m.bias for m in linears]
+            rows += [m.small_m_rows for m in linears]
+        self.max_rows = min(rows)
+        self.attns = paged_attentions(model)
+
+    def accepts(self, num_rows: int, kv_caches: list, meta: AttentionMetadata) -> bool:
+        return (not meta.prefills and num_rows <= self.max_rows and isinstance(kv_caches[0], torch.Tensor)
+                and kv_caches[0].dtype == self.weights[0].dtype)
+
+    def __call__(self, h: torch.Tensor, rope: RopeInputs, kv_caches: list[torch.Tensor],
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs every layer over decode rows `h`; returns (the last MLP output, the residual stream), as the layer
+        loop does. The attention windows are read per call (configure_windows may change them)."""
+        windows = [-1 if a.window is None else a.window for a in self.attns]
+        sinks = [a.sinks for a in self.attns]
+        out = self.op(h, rope.positions, rope.cos_table, rope.sin_table, meta.slot_mapping, meta.decode_block_tables,
+                      meta.decode_context_lens, self.weights, self.biases, kv_caches, windows, sinks,
+                      self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.attns[0].scale)
+        return out, h
+
+
+def _kernel_weight(m: Linear) -> torch.Tensor:
+    return m.tiled_weight if m.tiled_weight is not None else m.weight
+
+
+def fused_decode_for(model: nn.Module) -> FusedDecode | None:
+    """A FusedDecode for `model` if this CPU and the model's layers allow one, else None. Call after the weights
+    are in their final place (packed, on huge pages)."""
+    ops = cpu_ops()
+    if ops is None or not hasattr(ops, "decode_layers") or len(model.layers) == 0:
+        return None
+    dtype = model.layers[0].input_layernorm.weight.dtype
+    for layer in model.layers:
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        if not all(type(n) is RMSNorm and n.weight.dtype == dtype and n.eps == norms[0].eps for n in norms):
+            return None
+        if not all(type(m) is Linear and m.small_m is not None for m in linears):
+            return None
+    if len({layer.input_layernorm.eps for layer in model.layers}) != 1:
+        return None
+    return FusedDecode(model, ops)

@@ -1,0 +1,91 @@
+"""The fused CPU decode path (model/cpu_decode.py) gives the layer loop's results bit for bit: logits of decode
+batches of every size it takes, with GQA, MQA plus a sliding window, QKV bias, and StreamingLLM windows with sinks;
+and whole greedy generations in the engine."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.engine.model_runner import batch_metadata
+from tokenmill.model.layers.cpu_kernels import cpu_ops
+
+pytestmark = pytest.mark.skipif(
+    cpu_ops() is None or not hasattr(cpu_ops(), "decode_layers"),
+    reason="no fused decode kernel on this CPU (needs AVX512-BF16)",
+)
+
+
+def _decode_batch(rows: int, block_size: int, num_blocks: int, seed: int):
+    """A decode batch of `rows` sequences with random context lengths over disjoint random blocks."""
+    rng = random.Random(seed)
+    blocks = list(range(1, num_blocks))
+    rng.shuffle(blocks)
+    tables, lens, slots = [], [], []
+    for _ in range(rows):
+        n = rng.randint(1, 40)
+        table = [blocks.pop() for _ in range(-(-n // block_size))]
+        tables.append(table)
+        lens.append(n)
+        slots.append(table[(n - 1) // block_size] * block_size + (n - 1) % block_size)
+    meta = batch_metadata(slots, tables, lens, [], block_size, torch.device("cpu"))
+    ids = torch.tensor([rng.randrange(10, 40000) for _ in range(rows)])
+    return ids, torch.tensor(lens) - 1, meta
+
+
+@pytest.mark.parametrize("arch,kv_window", [("llama", None), ("mistral", None), ("qwen2", None), ("llama", 6)])
+def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, arch, kv_window):
+    llm = LLM(tiny_model_factory(arch), dtype="bfloat16", block_size=4, kv_window=kv_window, kv_sinks=2)
+    model, caches = llm.engine.model, llm.engine.runner.kv_caches
+    fused = model.fused_decode
+    assert fused is not None
+    if kv_window is not None:
+        assert any(a.sinks == 2 and a.window == kv_window for a in fused.attns)
+    for cache in caches:  # a filled cache: every context token has keys and values
+        cache.normal_()
+    with torch.inference_mode():
+        for rows in sorted({1, 3, 17, fused.max_rows}):
+            ids, pos, meta = _decode_batch(rows, 4, caches[0].shape[1], seed=rows)
+            idx = torch.arange(rows)
+            assert fused.accepts(rows, caches, meta)
+            got = model(ids, pos, caches, meta, idx)
+            fused_caches = [c.clone() for c in caches]
+            model.fused_decode = None
+            try:
+                want = model(ids, pos, caches, meta, idx)
+            finally:
+                model.fused_decode = fused
+            assert torch.equal(got, want), rows
+            # both wrote the same keys and values
+            assert all(torch.equal(a, b) for a, b in zip(fused_caches, caches))
+
+
+def test_fused_decode_declines_what_it_does_not_run(tiny_model_factory):
+    llm = LLM(tiny_model_factory("llama"), dtype="bfloat16", block_size=4)
+    fused = llm.engine.model.fused_decode
+    caches = llm.engine.runner.kv_caches
+    _, _, meta = _decode_batch(2, 4, caches[0].shape[1], seed=0)
+    assert fused.accepts(2, caches, meta)
+    assert not fused.accepts(fused.max_rows + 1, caches, meta)
+    with_prefill = batch_metadata([5, 6], [[1]], [3], [object()], 4, torch.device("cpu"))
+    assert not fused.accepts(1, caches, with_prefill)
+    # no fused path for models it cannot serve
+    assert LLM(tiny_model_factory("llama"), dtype="float32").engine.model.fused_decode is None
+    int8_kv = LLM(tiny_model_factory("llama"), dtype="bfloat16", kv_cache_dtype="int8").engine
+    assert not int8_kv.model.fused_decode.accepts(1, int8_kv.runner.kv_caches, meta)
+
+
+def test_greedy_generation_same_with_and_without_fused_decode(tiny_model_factory):
+    path = tiny_model_factory("mistral")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(10, 40000) for _ in range(n)] for n in (3, 17, 9, 30)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = {}
+    for fused in (True, False):
+        llm = LLM(path, dtype="bfloat16", block_size=4)
+        if not fused:
+            llm.engine.model.fused_decode = None
+        outs[fused] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs[True] == outs[False]
