@@ -376,7 +376,7 @@ static void decode_bf16_avx512(const at::Tensor& q, const at::Tensor& kc, const 
   const int64_t* lp = lens.data_ptr<int64_t>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const float sc = static_cast<float>(scale);
-#pragma omp parallel
+#pragma omp parallel if (B > 1)
   {
     std::vector<__m512bh> qv(Hq * NC);
     std::vector<float> scores, acc;
