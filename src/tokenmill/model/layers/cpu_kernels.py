@@ -787,11 +787,12 @@ at::Tensor amx_pack(const at::Tensor& w) {
 }
 
 // C tiles tmm0..tmm(G-1), A tile tmm4, B tiles alternate tmm5 / tmm6.
+// `bstep`: elements between column blocks (default KB * 512: a whole packed matrix; less when only part of K is used)
 template <int G>
 static inline void amx_group(const uint16_t* a, int64_t a_stride_bytes, const uint16_t* b, int64_t KB,
-                             float* cbuf) {
+                             float* cbuf, int64_t bstep = -1) {
   _tile_zero(0); if (G > 1) _tile_zero(1); if (G > 2) _tile_zero(2); if (G > 3) _tile_zero(3);
-  const int64_t bstep = KB * 512;  // elements between column blocks
+  if (bstep < 0) bstep = KB * 512;
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint16_t* bk = b + kb * 512;
     _tile_loadd(4, a + kb * 32, a_stride_bytes);
@@ -867,6 +868,169 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::opti
     }
     _tile_release();
   });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ AMX prefill attention
+// Causal attention of a fresh prompt over its own keys (q [n, Hq, D], k and v [n, Hkv, D], any row stride): both
+// products on AMX tiles, packed as amx_linear packs a weight (K as W[keys, D]; V as W[D, keys]), and per 16
+// query rows an exact softmax over all visible keys in fp32. Like torch's flash kernel, the unnormalised
+// probabilities are rounded to bf16 for P.V and the sum divides at the end. window < 0: plain causal; else a
+// query at i sees keys (i - window, i] and the first `sinks`.
+// K [n keys, D] (row stride rs) as amx_pack packs W[keys, D]: tiles [NKB][D/32], zero keys beyond n
+static void pack_keys(const uint16_t* src, int64_t rs, int64_t n, int64_t D, int64_t NKB, uint16_t* dst) {
+  const int64_t KD = D / 32;
+  for (int64_t t = 0; t < NKB; ++t)
+    for (int64_t kb = 0; kb < KD; ++kb) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(dst + (t * KD + kb) * 512);  // [16 dim pairs][16 keys]
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t key = t * 16 + j;
+        uint32_t pairs[16] = {};
+        if (key < n) std::memcpy(pairs, src + key * rs + kb * 32, 64);
+        for (int64_t pp = 0; pp < 16; ++pp) tile[pp * 16 + j] = pairs[pp];
+      }
+    }
+}
+
+// V [n keys, D] (row stride rs) as amx_pack packs W[D, keys]: tiles [D/16][NKC], zero keys beyond n
+static void pack_values(const uint16_t* src, int64_t rs, int64_t n, int64_t D, int64_t NKC, uint16_t* dst) {
+  const int64_t NDB = D / 16;
+  for (int64_t t = 0; t < NDB; ++t)
+    for (int64_t kc = 0; kc < NKC; ++kc) {
+      uint16_t* tile = dst + (t * NKC + kc) * 512;  // [16 key pairs][16 dims][2]
+      for (int64_t pp = 0; pp < 16; ++pp) {
+        const int64_t k0 = kc * 32 + 2 * pp;
+        uint16_t* o = tile + pp * 32;
+        if (k0 + 1 < n) {
+          const uint16_t* a = src + k0 * rs + t * 16;
+          const uint16_t* b = a + rs;
+          for (int64_t j = 0; j < 16; ++j) { o[2 * j] = a[j]; o[2 * j + 1] = b[j]; }
+        } else if (k0 < n) {
+          const uint16_t* a = src + k0 * rs + t * 16;
+          for (int64_t j = 0; j < 16; ++j) { o[2 * j] = a[j]; o[2 * j + 1] = 0; }
+        } else {
+          std::memset(o, 0, 64);
+        }
+      }
+    }
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                             int64_t sinks, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == k.size(0) && k.sizes() == v.sizes() &&
+              q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0, "prefill_attention: q [n, Hq, D], k/v [n, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "prefill_attention: bf16");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.stride(1) == q.size(2) &&
+              k.stride(1) == k.size(2) && v.stride(1) == v.size(2), "prefill_attention: heads contiguous in rows");
+  TORCH_CHECK(q.size(2) % 32 == 0 && q.size(2) <= 256, "prefill_attention: head_dim a multiple of 32, at most 256");
+  TORCH_CHECK(amx_permitted(), "prefill_attention: the kernel refused the AMX tile state");
+  const int64_t n = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), group = Hq / Hkv;
+  const int64_t NK = (n + 31) / 32 * 32;  // keys padded to whole 32-key chunks
+  const int64_t KD = D / 32, NKB = NK / 16, NKC = NK / 32, NDB = D / 16, NQB = (n + 15) / 16;
+  auto out = at::empty({n, Hq, D}, q.options());
+  if (n == 0) return out;
+  std::vector<uint16_t> kp(Hkv * NKB * KD * 512), vp(Hkv * NDB * NKC * 512);
+  const uint16_t* kb = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const uint16_t* vb = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  const uint16_t* qb = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  uint16_t* ob = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t ks = k.stride(0), vs = v.stride(0), qs = q.stride(0);
+  at::parallel_for(0, 2 * Hkv, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t g = w / 2;
+      if (w % 2 == 0) pack_keys(kb + g * D, ks, n, D, NKB, kp.data() + g * NKB * KD * 512);
+      else pack_values(vb + g * D, vs, n, D, NKC, vp.data() + g * NDB * NKC * 512);
+    }
+  });
+  const float sc = static_cast<float>(scale);
+#pragma omp parallel
+  {
+    TileConfig cfg;
+    for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+    _tile_loadconfig(&cfg);
+    alignas(64) float cbuf[4 * 256];
+    alignas(64) uint16_t qt[16 * 256];
+    std::vector<float> sbuf(16 * NK);
+    std::vector<uint16_t> pbuf(16 * NK);
+    float sums[16];
+    // later query blocks see more keys: hand them out first
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < Hq * NQB; ++item) {
+      const int64_t qblk = NQB - 1 - item / Hq, h = item % Hq, g = h / group;
+      const int64_t i0 = qblk * 16, rows = std::min<int64_t>(16, n - i0), i_last = i0 + rows - 1;
+      const int64_t j_lo = (window < 0 || sinks > 0) ? 0 : std::max<int64_t>(0, i0 - window + 1) / 32 * 32;
+      const int64_t L = (i_last + 1 - j_lo + 31) / 32 * 32;  // key columns, whole 32-key chunks
+      for (int64_t r = 0; r < 16; ++r) {
+        if (r < rows) std::memcpy(qt + r * D, qb + (i0 + r) * qs + h * D, D * 2);
+        else std::memset(qt + r * D, 0, D * 2);
+      }
+      // scores: 16 query rows x L keys, four 16-key blocks per tile group
+      const uint16_t* kg = kp.data() + g * NKB * KD * 512;
+      for (int64_t c = 0; c < L; c += 64) {
+        const int gcount = static_cast<int>(std::min<int64_t>(4, (L - c) / 16));
+        const uint16_t* b = kg + ((j_lo + c) / 16) * KD * 512;
+        switch (gcount) {
+          case 4: amx_group<4>(qt, D * 2, b, KD, cbuf); break;
+          case 3: amx_group<3>(qt, D * 2, b, KD, cbuf); break;
+          case 2: amx_group<2>(qt, D * 2, b, KD, cbuf); break;
+          default: amx_group<1>(qt, D * 2, b, KD, cbuf); break;
+        }
+        for (int j = 0; j < gcount; ++j)
+          for (int64_t r = 0; r < 16; ++r)
+            std::memcpy(sbuf.data() + r * L + c + j * 16, cbuf + j * 256 + r * 16, 64);
+      }
+      // softmax rows: masked keys get probability 0; P rounded to bf16, the sum kept in fp32
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      for (int64_t r = 0; r < 16; ++r) {
+        uint16_t* pr = pbuf.data() + r * L;
+        if (r >= rows) { std::memset(pr, 0, L * 2); sums[r] = 1.f; continue; }
+        const int64_t i = i0 + r;
+        const float* sr = sbuf.data() + r * L;
+        auto visible = [&](int64_t c) -> __mmask16 {
+          const __m512i j = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j_lo + c)), lane);
+          __mmask16 m = _mm512_cmple_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(i)));
+          if (window >= 0)
+            m &= _mm512_cmpgt_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(i - window))) |
+                 _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(sinks)));
+          return m;
+        };
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t c = 0; c < L; c += 16)
+          mx = _mm512_mask_max_ps(mx, visible(c), mx, _mm512_mul_ps(_mm512_loadu_ps(sr + c), _mm512_set1_ps(sc)));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < L; c += 16) {
+          const __m512 e = _mm512_maskz_mov_ps(visible(c), exp512(_mm512_sub_ps(
+              _mm512_mul_ps(_mm512_loadu_ps(sr + c), _mm512_set1_ps(sc)), m)));
+          sum = _mm512_add_ps(sum, e);
+          const __m256bh pb = _mm512_cvtneps_pbh(e);
+          std::memcpy(pr + c, &pb, 32);
+        }
+        sums[r] = _mm512_reduce_add_ps(sum);
+      }
+      // out = P . V over the same key chunks, up to 64 output columns per tile group
+      const uint16_t* vg = vp.data() + g * NDB * NKC * 512 + (j_lo / 32) * 512;
+      for (int64_t d0 = 0; d0 < NDB; d0 += 4) {
+        const int gcount = static_cast<int>(std::min<int64_t>(4, NDB - d0));
+        const uint16_t* b = vg + d0 * NKC * 512;
+        switch (gcount) {
+          case 4: amx_group<4>(pbuf.data(), L * 2, b, L / 32, cbuf, NKC * 512); break;
+          case 3: amx_group<3>(pbuf.data(), L * 2, b, L / 32, cbuf, NKC * 512); break;
+          case 2: amx_group<2>(pbuf.data(), L * 2, b, L / 32, cbuf, NKC * 512); break;
+          default: amx_group<1>(pbuf.data(), L * 2, b, L / 32, cbuf, NKC * 512); break;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const __m512 inv = _mm512_set1_ps(1.f / sums[r]);
+          for (int j = 0; j < gcount; ++j) {
+            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(cbuf + j * 256 + r * 16), inv));
+            std::memcpy(ob + ((i0 + r) * Hq + h) * D + (d0 + j) * 16, &o, 32);
+          }
+        }
+      }
+    }
+    _tile_release();
+  }
   return out;
 }
 #endif
@@ -1198,6 +1362,8 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.impl("amx_pack", c10::DispatchKey::CPU, TORCH_FN(amx_pack));
   m.def("amx_linear(Tensor x, Tensor packed_weight, Tensor? bias, bool float_out=False) -> Tensor");
   m.impl("amx_linear", c10::DispatchKey::CPU, TORCH_FN(amx_linear));
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int window, int sinks, float scale) -> Tensor");
+  m.impl("prefill_attention", c10::DispatchKey::CPU, TORCH_FN(prefill_attention));
 #endif
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
