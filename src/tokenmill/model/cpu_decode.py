@@ -3,10 +3,11 @@
 A decode step of a small model at small batch is short (SmolLM2-135M, one sequence: ~12 ms), and the Python layer
 loop costs a fixed ~3 ms of it: per layer eight module calls and nine op dispatches, each a few microseconds.
 cpu_kernels' `decode_layers` runs the same kernels in the same order from C++, so its results are bit-identical to
-the layer loop's (the equivalence tests compare the two). It serves batches of decodes only, on a model whose
-every layer linear has a few-row CPU kernel (amx_linear or small_m_linear) for that many rows and whose KV cache
-is a plain tensor in the model dtype; anything else (prefill chunks, speculative verification, int8 KV, quantised
-or fp32 weights, CUDA) runs the layer loop.
+the layer loop's (tests/test_cpu_decode.py compares the two). It serves batches of decode rows only (a speculating
+sequence's 1 + k verification rows are decode rows too), on a model whose every layer linear has a few-row CPU
+kernel (amx_linear or small_m_linear) for that many rows and whose KV cache is a plain tensor in the model dtype;
+anything else (prefill chunks, int8 KV, quantised or fp32 weights, CUDA) runs the layer loop. Forward hooks on the layers' modules do not run for these steps;
+nothing registers them on a prepared model (AWQ calibration records activations before prepare_for_inference).
 """
 from __future__ import annotations
 
