@@ -10,11 +10,13 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.model_runner import batch_metadata
+from tokenmill.model.layers import linear
 from tokenmill.model.layers.cpu_kernels import cpu_ops
+from tokenmill.model.layers.linear import amx_linear_available, onednn_bf16_available
 
 pytestmark = pytest.mark.skipif(
-    cpu_ops() is None or not hasattr(cpu_ops(), "decode_layers"),
-    reason="no fused decode kernel on this CPU (needs AVX512-BF16)",
+    cpu_ops() is None or not hasattr(cpu_ops(), "decode_layers") or not onednn_bf16_available(),
+    reason="no fused decode kernel on this CPU (needs AVX512-BF16, and oneDNN's bf16 for the packed linears)",
 )
 
 
@@ -35,18 +37,26 @@ def _decode_batch(rows: int, block_size: int, num_blocks: int, seed: int):
     return ids, torch.tensor(lens) - 1, meta
 
 
-@pytest.mark.parametrize("arch,kv_window", [("llama", None), ("mistral", None), ("qwen2", None), ("llama", 6)])
-def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, arch, kv_window):
+@pytest.mark.parametrize("arch,kv_window,amx", [
+    ("llama", None, True), ("mistral", None, True), ("qwen2", None, True), ("llama", 6, True),
+    ("qwen2", None, False),  # small_m_linear's dense weights, as on CPUs without AMX
+])
+def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, monkeypatch, arch, kv_window, amx):
+    if amx and not amx_linear_available():
+        pytest.skip("no AMX-BF16 on this CPU (the small_m_linear case covers the fused path)")
+    if not amx:
+        monkeypatch.setattr(linear, "amx_linear_available", lambda: False)
     llm = LLM(tiny_model_factory(arch), dtype="bfloat16", block_size=4, kv_window=kv_window, kv_sinks=2)
     model, caches = llm.engine.model, llm.engine.runner.kv_caches
     fused = model.fused_decode
     assert fused is not None
+    assert all(w.dim() == (4 if amx else 2) for w in fused.weights[1::6])  # the kernel each case means to test
     if kv_window is not None:
         assert any(a.sinks == 2 and a.window == kv_window for a in fused.attns)
     for cache in caches:  # a filled cache: every context token has keys and values
         cache.normal_()
     with torch.inference_mode():
-        for rows in sorted({1, 3, 17, fused.max_rows}):
+        for rows in sorted({1, 3, min(17, fused.max_rows), fused.max_rows}):
             ids, pos, meta = _decode_batch(rows, 4, caches[0].shape[1], seed=rows)
             idx = torch.arange(rows)
             assert fused.accepts(rows, caches, meta)
