@@ -432,9 +432,11 @@ def test_default_smollm2_answers_chat(smollm2_gguf_path):
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
         assert c.models.list().data[0].id == "SmolLM2-135M-Instruct"
+        # (not France: there SmolLM2's first token is a near-tie, "The" 25.33 vs "L" 25.24 even in float32, and a
+        # bf16 model's rounding decides it either way; Germany's margin is 0.7)
         res = c.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=24,
-                                        messages=[{"role": "user", "content": "What is the capital of France?"}])
-        assert "paris" in res.choices[0].message.content.lower()
+                                        messages=[{"role": "user", "content": "What is the capital of Germany?"}])
+        assert "berlin" in res.choices[0].message.content.lower()
     finally:
         assert srv.stop() == 0
 
