@@ -245,3 +245,36 @@ def test_prefill_attention_matches_reference(ops, n, hq, hkv, d, window, sinks):
     want = F.scaled_dot_product_attention(q.float().transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
                                           attn_mask=mask).transpose(0, 1)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("ctx,n,d,window,sinks", [
+    (200, 50, 64, None, 0),    # a chunk after a cached prefix (or after earlier chunks)
+    (300, 70, 64, 40, 3),      # windowed: the sinks, then the window's keys from position lo
+    (300, 70, 32, 40, 0),
+    (97, 1, 128, None, 0),     # one new token
+])
+def test_prefill_attention_after_cached_keys(ops, ctx, n, d, window, sinks):
+    """A prompt chunk at positions [ctx - n, ctx) over keys gathered as the engine gathers them (the first `ns` at
+    positions 0.., the rest from `lo` on) equals softmax attention over positions in float32."""
+    if not hasattr(ops, "prefill_attention") or not ops.amx_available():
+        pytest.skip("no AMX-BF16 on this CPU")
+    torch.manual_seed(9)
+    hq, hkv = 8, 2
+    first = ctx - n
+    lo = 0 if window is None else max(0, first - window + 1)
+    ns = min(sinks, lo)
+    key_pos = torch.cat([torch.arange(ns), torch.arange(lo, ctx)])
+    k = torch.randn(len(key_pos), hkv, d).bfloat16()
+    v = torch.randn(len(key_pos), hkv, d).bfloat16()
+    q = torch.randn(n, hq, d).bfloat16()
+    got = ops.prefill_attention(q, k, v, -1 if window is None else window, sinks, d**-0.5, first, ns, lo)
+    qp, kp = torch.arange(first, ctx)[:, None], key_pos[None, :]
+    mask = kp <= qp
+    if window is not None:
+        mask &= (kp > qp - window) | (kp < sinks)
+    kf, vf = k.float().repeat_interleave(hq // hkv, 1), v.float().repeat_interleave(hq // hkv, 1)
+    want = F.scaled_dot_product_attention(q.float().transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
+                                          attn_mask=mask).transpose(0, 1)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(RuntimeError, match="own key"):  # a query whose own position is not among the keys
+        ops.prefill_attention(q, k[:-1], v[:-1], -1, 0, d**-0.5, first, ns, lo)

@@ -93,11 +93,11 @@ class AttentionMetadata:
 
 
 class PagedAttention:
-    """Paged attention. Prefill: torch SDPA (tiled flash kernel on CPU, flash/mem-efficient on CUDA); a whole bf16
-    prompt on a CPU with AMX runs cpu_kernels' prefill_attention instead (87 tokens: 44 us against SDPA's 108 us,
-    512: 0.49 vs 0.85 ms, on a 2-core Xeon). Decode: kernels that read the blocks in place, the compiled one of
-    cpu_kernels.py on CPU and the Triton one of triton_kernels.py on CUDA; elsewhere, or when they cannot serve the
-    layer, SDPA over the gathered blocks."""
+    """Paged attention. Prefill: torch SDPA (tiled flash kernel on CPU, flash/mem-efficient on CUDA); bf16 prompt
+    chunks on a CPU with AMX run cpu_kernels' prefill_attention instead (a whole 87-token prompt: 44 us against
+    SDPA's 108 us, 512 tokens: 0.49 vs 0.85 ms, on a 2-core Xeon). Decode: kernels that read the blocks in place, the
+    compiled one of cpu_kernels.py on CPU and the Triton one of triton_kernels.py on CUDA; elsewhere, or when they
+    cannot serve the layer, SDPA over the gathered blocks."""
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None, sinks: int = 0
@@ -198,11 +198,10 @@ class PagedAttention:
     ) -> torch.Tensor:
         n, ctx = span.num_tokens, span.context_len
         window = self.window
+        amx = self._amx_prefill_ops(q)
         if ctx == n:  # whole prompt in one chunk: the new keys are the whole context
-            amx = q.device.type == "cpu" and q.dtype == torch.bfloat16 and self.head_dim % 32 == 0 and self.head_dim <= 256
-            ops = cpu_ops() if amx else None
-            if ops is not None and hasattr(ops, "prefill_attention") and ops.amx_available():
-                return ops.prefill_attention(q, k, v, -1 if window is None else window, self.sinks, self.scale)
+            if amx is not None:
+                return amx.prefill_attention(q, k, v, -1 if window is None else window, self.sinks, self.scale)
             if window is None or window >= ctx:
                 return self._sdpa(q, k, v, None)
         block_size = kv_cache.shape[2]
@@ -213,6 +212,9 @@ class PagedAttention:
         key_pos = torch.cat([torch.arange(ns), torch.arange(lo, ctx)]).to(q.device)
         slots = span.block_table[key_pos // block_size] * block_size + key_pos % block_size
         keys, values = gather_slots(kv_cache, slots, q.dtype)
+        if amx is not None:  # keys [0, ns) are at positions 0.., the others at lo..
+            return amx.prefill_attention(q, keys, values, -1 if window is None else window, self.sinks, self.scale,
+                                         first_pos, ns, lo)
         out = torch.empty_like(q)
         for t0 in range(0, n, PREFILL_QUERY_TILE):
             t1 = min(n, t0 + PREFILL_QUERY_TILE)
@@ -225,6 +227,14 @@ class PagedAttention:
                 mask &= (kp > q_pos - window) | (kp < self.sinks)
             out[t0:t1] = self._sdpa(q[t0:t1], keys[:kv_end], values[:kv_end], mask)
         return out
+
+    def _amx_prefill_ops(self, q: torch.Tensor):
+        """The CPU ops namespace when cpu_kernels' prefill_attention serves this layer's bf16 prompts (a CPU with AMX),
+        else None."""
+        if q.device.type != "cpu" or q.dtype != torch.bfloat16 or self.head_dim % 32 or self.head_dim > 256:
+            return None
+        ops = cpu_ops()
+        return ops if ops is not None and hasattr(ops, "prefill_attention") and ops.amx_available() else None
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q: [n, Hq, D], k/v: [L, Hkv, D] -> [n, Hq, D]; causal when mask is None."""

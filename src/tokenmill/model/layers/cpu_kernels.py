@@ -872,11 +872,12 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::opti
 }
 
 // ------------------------------------------------------------------------------------ AMX prefill attention
-// Causal attention of a fresh prompt over its own keys (q [n, Hq, D], k and v [n, Hkv, D], any row stride): both
-// products on AMX tiles, packed as amx_linear packs a weight (K as W[keys, D]; V as W[D, keys]), and per 16
-// query rows an exact softmax over all visible keys in fp32. Like torch's flash kernel, the unnormalised
-// probabilities are rounded to bf16 for P.V and the sum divides at the end. window < 0: plain causal; else a
-// query at i sees keys (i - window, i] and the first `sinks`.
+// Causal attention of a prompt chunk (q [n, Hq, D], k and v [L, Hkv, D], any row stride): both products on AMX
+// tiles, packed as amx_linear packs a weight (K as W[keys, D]; V as W[D, keys]), and per 16 query rows an exact
+// softmax over all visible keys in fp32. Like torch's flash kernel, the unnormalised probabilities are rounded to
+// bf16 for P.V and the sum divides at the end. Query i is at position q_start + i; the first `sink_keys` keys are
+// at positions 0.., the others at key_start.. (a fresh prompt: all three 0, L = n). window < 0: plain causal;
+// else a query at p sees positions (p - window, p] and the first `sinks`.
 // K [n keys, D] (row stride rs) as amx_pack packs W[keys, D]: tiles [NKB][D/32], zero keys beyond n
 static void pack_keys(const uint16_t* src, int64_t rs, int64_t n, int64_t D, int64_t NKB, uint16_t* dst) {
   const int64_t KD = D / 32;
@@ -916,17 +917,21 @@ static void pack_values(const uint16_t* src, int64_t rs, int64_t n, int64_t D, i
 }
 
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
-                             int64_t sinks, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(0) == k.size(0) && k.sizes() == v.sizes() &&
-              q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0, "prefill_attention: q [n, Hq, D], k/v [n, Hkv, D]");
+                             int64_t sinks, double scale, int64_t q_start, int64_t sink_keys, int64_t key_start) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes() && q.size(2) == k.size(2) &&
+              q.size(1) % k.size(1) == 0, "prefill_attention: q [n, Hq, D], k/v [L, Hkv, D]");
+  TORCH_CHECK(sink_keys >= 0 && sink_keys <= k.size(0) && key_start >= sink_keys && q_start >= key_start &&
+              q_start + q.size(0) <= key_start + k.size(0) - sink_keys,
+              "prefill_attention: every query's own key must be among the keys");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "prefill_attention: bf16");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.stride(1) == q.size(2) &&
               k.stride(1) == k.size(2) && v.stride(1) == v.size(2), "prefill_attention: heads contiguous in rows");
   TORCH_CHECK(q.size(2) % 32 == 0 && q.size(2) <= 256, "prefill_attention: head_dim a multiple of 32, at most 256");
   TORCH_CHECK(amx_permitted(), "prefill_attention: the kernel refused the AMX tile state");
-  const int64_t n = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), group = Hq / Hkv;
-  const int64_t NK = (n + 31) / 32 * 32;  // keys padded to whole 32-key chunks
+  const int64_t n = q.size(0), nkeys = k.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
+  const int64_t group = Hq / Hkv, NK = (nkeys + 31) / 32 * 32;  // keys padded to whole 32-key chunks
+  const int64_t shift = key_start - sink_keys;  // key index c >= sink_keys is at position c + shift
   const int64_t KD = D / 32, NKB = NK / 16, NKC = NK / 32, NDB = D / 16, NQB = (n + 15) / 16;
   auto out = at::empty({n, Hq, D}, q.options());
   if (n == 0) return out;
@@ -939,8 +944,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   at::parallel_for(0, 2 * Hkv, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t g = w / 2;
-      if (w % 2 == 0) pack_keys(kb + g * D, ks, n, D, NKB, kp.data() + g * NKB * KD * 512);
-      else pack_values(vb + g * D, vs, n, D, NKC, vp.data() + g * NDB * NKC * 512);
+      if (w % 2 == 0) pack_keys(kb + g * D, ks, nkeys, D, NKB, kp.data() + g * NKB * KD * 512);
+      else pack_values(vb + g * D, vs, nkeys, D, NKC, vp.data() + g * NDB * NKC * 512);
     }
   });
   const float sc = static_cast<float>(scale);
@@ -959,8 +964,10 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
     for (int64_t item = 0; item < Hq * NQB; ++item) {
       const int64_t qblk = NQB - 1 - item / Hq, h = item % Hq, g = h / group;
       const int64_t i0 = qblk * 16, rows = std::min<int64_t>(16, n - i0), i_last = i0 + rows - 1;
-      const int64_t j_lo = (window < 0 || sinks > 0) ? 0 : std::max<int64_t>(0, i0 - window + 1) / 32 * 32;
-      const int64_t L = (i_last + 1 - j_lo + 31) / 32 * 32;  // key columns, whole 32-key chunks
+      // key indices [j_lo, j_lo + L): from the first one a row of this block may see to the last row's own key
+      const int64_t j_lo = (window < 0 || sinks > 0) ? 0
+          : std::max<int64_t>(0, q_start + i0 - window + 1 - shift) / 32 * 32;
+      const int64_t L = (q_start + i_last - shift + 1 - j_lo + 31) / 32 * 32;
       for (int64_t r = 0; r < 16; ++r) {
         if (r < rows) std::memcpy(qt + r * D, qb + (i0 + r) * qs + h * D, D * 2);
         else std::memset(qt + r * D, 0, D * 2);
@@ -985,10 +992,12 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
       for (int64_t r = 0; r < 16; ++r) {
         uint16_t* pr = pbuf.data() + r * L;
         if (r >= rows) { std::memset(pr, 0, L * 2); sums[r] = 1.f; continue; }
-        const int64_t i = i0 + r;
+        const int64_t i = q_start + i0 + r;  // the query's position
         const float* sr = sbuf.data() + r * L;
         auto visible = [&](int64_t c) -> __mmask16 {
-          const __m512i j = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j_lo + c)), lane);
+          const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j_lo + c)), lane);
+          const __m512i j = _mm512_mask_add_epi32(idx, _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(
+              static_cast<int>(sink_keys))), idx, _mm512_set1_epi32(static_cast<int>(shift)));  // positions
           __mmask16 m = _mm512_cmple_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(i)));
           if (window >= 0)
             m &= _mm512_cmpgt_epi32_mask(j, _mm512_set1_epi32(static_cast<int>(i - window))) |
@@ -1362,7 +1371,7 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.impl("amx_pack", c10::DispatchKey::CPU, TORCH_FN(amx_pack));
   m.def("amx_linear(Tensor x, Tensor packed_weight, Tensor? bias, bool float_out=False) -> Tensor");
   m.impl("amx_linear", c10::DispatchKey::CPU, TORCH_FN(amx_linear));
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int window, int sinks, float scale) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int window, int sinks, float scale, int q_start=0, int sink_keys=0, int key_start=0) -> Tensor");
   m.impl("prefill_attention", c10::DispatchKey::CPU, TORCH_FN(prefill_attention));
 #endif
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
