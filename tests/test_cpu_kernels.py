@@ -220,6 +220,19 @@ def test_paged_decode_matches_sdpa_reference(ops, dtype, window):
         torch.testing.assert_close(got[i].float(), want, **_tol(dtype))
 
 
+def _attention_by_position(q, k, v, q_pos, k_pos, window, sinks):
+    """Float32 reference: a query at position p sees keys at positions <= p (within the window, or among the first
+    `sinks`); the KV heads are shared by groups of query heads."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    mask = kp <= qp
+    if window is not None:
+        mask &= (kp > qp - window) | (kp < sinks)
+    group = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q.float().transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
+                                          attn_mask=mask).transpose(0, 1)
+
+
 @pytest.mark.parametrize("n,hq,hkv,d,window,sinks", [
     (1, 9, 3, 64, None, 0),     # one token
     (87, 9, 3, 64, None, 0),    # SmolLM2's shape, a ShareGPT-sized prompt
@@ -237,13 +250,7 @@ def test_prefill_attention_matches_reference(ops, n, hq, hkv, d, window, sinks):
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
     q, k, v = q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d)
     got = ops.prefill_attention(q, k, v, -1 if window is None else window, sinks, d**-0.5)
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    mask = j <= i
-    if window is not None:
-        mask &= (j > i - window) | (j < sinks)
-    kf, vf = k.float().repeat_interleave(hq // hkv, 1), v.float().repeat_interleave(hq // hkv, 1)
-    want = F.scaled_dot_product_attention(q.float().transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
-                                          attn_mask=mask).transpose(0, 1)
+    want = _attention_by_position(q, k, v, torch.arange(n), torch.arange(n), window, sinks)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
@@ -268,13 +275,7 @@ def test_prefill_attention_after_cached_keys(ops, ctx, n, d, window, sinks):
     v = torch.randn(len(key_pos), hkv, d).bfloat16()
     q = torch.randn(n, hq, d).bfloat16()
     got = ops.prefill_attention(q, k, v, -1 if window is None else window, sinks, d**-0.5, first, ns, lo)
-    qp, kp = torch.arange(first, ctx)[:, None], key_pos[None, :]
-    mask = kp <= qp
-    if window is not None:
-        mask &= (kp > qp - window) | (kp < sinks)
-    kf, vf = k.float().repeat_interleave(hq // hkv, 1), v.float().repeat_interleave(hq // hkv, 1)
-    want = F.scaled_dot_product_attention(q.float().transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1),
-                                          attn_mask=mask).transpose(0, 1)
+    want = _attention_by_position(q, k, v, torch.arange(first, ctx), key_pos, window, sinks)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     with pytest.raises(RuntimeError, match="own key"):  # a query whose own position is not among the keys
         ops.prefill_attention(q, k[:-1], v[:-1], -1, 0, d**-0.5, first, ns, lo)
