@@ -6,8 +6,9 @@ cpu_kernels' `decode_layers` runs the same kernels in the same order from C++, s
 the layer loop's (tests/test_cpu_decode.py compares the two). It serves batches of decode rows only (a speculating
 sequence's 1 + k verification rows are decode rows too), on a model whose every layer linear has a few-row CPU
 kernel (amx_linear or small_m_linear) for that many rows and whose KV cache is a plain tensor in the model dtype;
-anything else (prefill chunks, int8 KV, quantised or fp32 weights, CUDA) runs the layer loop. Forward hooks on the layers' modules do not run for these steps;
-nothing registers them on a prepared model (AWQ calibration records activations before prepare_for_inference).
+anything else (prefill chunks, int8 KV, quantised or fp32 weights, CUDA) runs the layer loop. Forward hooks on the
+layers' modules do not run for these steps; nothing registers them on a prepared model (AWQ calibration records
+activations before prepare_for_inference).
 """
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ class FusedDecode:
         self.biases: list[torch.Tensor | None] = []
         rows = []
         for layer in model.layers:
-            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            self.weights += [layer.input_layernorm.weight, *[_kernel_weight(m) for m in linears[:2]],
-                             layer.post_attention_layernorm.weight, *[_kernel_weight(m) for m in linears[2:]]]
-            self.biases += [m.bias for m in linears]
-            rows += [m.small_m_rows for m in linears]
+            (in_norm, post_norm), (qkv, o, gate_up, down) = _layer_parts(layer)
+            self.weights += [in_norm.weight, _kernel_weight(qkv), _kernel_weight(o), post_norm.weight,
+                             _kernel_weight(gate_up), _kernel_weight(down)]
+            self.biases += [qkv.bias, o.bias, gate_up.bias, down.bias]
+            rows += [qkv.small_m_rows, o.small_m_rows, gate_up.small_m_rows, down.small_m_rows]
         self.max_rows = min(rows)
         self.attns = paged_attentions(model)
 
@@ -57,6 +58,13 @@ class FusedDecode:
         return out, h
 
 
+def _layer_parts(layer: nn.Module) -> tuple[tuple[nn.Module, nn.Module], tuple[nn.Module, ...]]:
+    """(input norm, post-attention norm), (qkv, o, gate_up, down projections) of a decoder layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return ((layer.input_layernorm, layer.post_attention_layernorm),
+            (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+
+
 def _kernel_weight(m: Linear) -> torch.Tensor:
     return m.tiled_weight if m.tiled_weight is not None else m.weight
 
@@ -67,14 +75,12 @@ def fused_decode_for(model: nn.Module) -> FusedDecode | None:
     ops = cpu_ops()
     if ops is None or not hasattr(ops, "decode_layers") or len(model.layers) == 0:
         return None
-    dtype = model.layers[0].input_layernorm.weight.dtype
-    for layer in model.layers:
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-        if not all(type(n) is RMSNorm and n.weight.dtype == dtype and n.eps == norms[0].eps for n in norms):
-            return None
-        if not all(type(m) is Linear and m.small_m is not None for m in linears):
-            return None
-    if len({layer.input_layernorm.eps for layer in model.layers}) != 1:
+    parts = [_layer_parts(layer) for layer in model.layers]
+    norms = [n for layer_norms, _ in parts for n in layer_norms]
+    linears = [m for _, layer_linears in parts for m in layer_linears]
+    # one eps and one dtype for every norm (the kernel takes one eps); a few-row kernel for every projection
+    if not all(type(n) is RMSNorm for n in norms) or len({(n.eps, n.weight.dtype) for n in norms}) != 1:
+        return None
+    if not all(type(m) is Linear and m.small_m is not None for m in linears):
         return None
     return FusedDecode(model, ops)

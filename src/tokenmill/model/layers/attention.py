@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import triton_kernels
 from .cpu_kernels import cpu_ops
 from .kv_cache import KVCache, QuantizedKVCache, gather_blocks, gather_slots, store_kv
+from .linear import amx_linear_available
 from .rotary import RopeInputs, apply_rotary
 
 # Query rows per SDPA call when a prefill needs an explicit mask (cached prefix or sliding window):
@@ -229,12 +230,11 @@ class PagedAttention:
         return out
 
     def _amx_prefill_ops(self, q: torch.Tensor):
-        """The CPU ops namespace when cpu_kernels' prefill_attention serves this layer's bf16 prompts (a CPU with AMX),
-        else None."""
+        """The CPU ops namespace when cpu_kernels' prefill_attention serves this layer's bf16 prompts, else None.
+        It is built with amx_linear, so the same check says whether this CPU runs it."""
         if q.device.type != "cpu" or q.dtype != torch.bfloat16 or self.head_dim % 32 or self.head_dim > 256:
             return None
-        ops = cpu_ops()
-        return ops if ops is not None and hasattr(ops, "prefill_attention") and ops.amx_available() else None
+        return cpu_ops() if amx_linear_available() else None
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q: [n, Hq, D], k/v: [L, Hkv, D] -> [n, Hq, D]; causal when mask is None."""

@@ -1328,7 +1328,8 @@ at::Tensor decode_layers(
     int64_t head_dim, double eps, double scale) {
   const int64_t L = static_cast<int64_t>(kv_caches.size());
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == 6 * L &&
-              static_cast<int64_t>(biases.size()) == 4 * L && static_cast<int64_t>(windows.size()) == L && static_cast<int64_t>(sinks.size()) == L,
+              static_cast<int64_t>(biases.size()) == 4 * L && static_cast<int64_t>(windows.size()) == L &&
+              static_cast<int64_t>(sinks.size()) == L,
               "decode_layers: per layer 6 weights, 4 biases, a KV cache, a window and a sink count");
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == block_tables.size(0) &&
               residual.size(0) == context_lens.size(0), "decode_layers: one row per decoding sequence");
