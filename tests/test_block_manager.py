@@ -53,6 +53,64 @@ def test_lru_eviction_of_unreferenced_cached_blocks():
     assert bm.match_prefix(again) == 0  # the old prefix was evicted
 
 
+def test_bounded_prefix_cache_keeps_recent_heads_and_reuses_evicted_blocks():
+    bm = BlockManager(num_blocks=32, block_size=2, max_cached_blocks=3)
+    a = make_seq(list(range(9)))  # 5 blocks, 4 full ones cached
+    run_prefill(bm, a)
+    used = list(a.block_table)
+    head, tail = used[:3], used[3]
+    bm.free(a)  # the tail is released first, so it is the least recently used
+    assert list(bm.evictable) == head[::-1] and bm.num_free_blocks == 32
+    probe = make_seq(list(range(9)))
+    assert bm.match_prefix(probe) == 6  # the first three blocks are still a hit
+    bm.free(probe)
+    bm.reset_prefix_cache()
+    assert not bm.evictable and not bm.cached and bm.num_free_blocks == 32
+    # the evicted and freed blocks go back on top of the free stack: the next sequence reuses them
+    b = make_seq([50 + i for i in range(8)])
+    run_prefill(bm, b)
+    assert tail in b.block_table and set(b.block_table) <= set(used)
+
+
+def test_bounded_prefix_cache_bounds_the_blocks_ever_written():
+    """With max_cached_blocks = M, the blocks ever handed out stay within the peak in use + M (on CPU: resident KV
+    memory), however many distinct prompts pass through; without a bound they grow toward the whole cache."""
+    import random
+
+    rng = random.Random(0)
+
+    def touched(bound):
+        bm = BlockManager(num_blocks=400, block_size=4, max_cached_blocks=bound)
+        written, running, peak = set(), [], 0
+        for step in range(300):
+            if running and (len(running) >= 6 or rng.random() < 0.4):
+                bm.free(running.pop(rng.randrange(len(running))))
+            else:
+                prompt = [rng.randrange(1000) for _ in range(rng.randrange(5, 40))]
+                if rng.random() < 0.3:  # a shared system prompt now and then
+                    prompt = list(range(12)) + prompt
+                seq = make_seq(prompt)
+                run_prefill(bm, seq)
+                written.update(seq.block_table)
+                running.append(seq)
+            peak = max(peak, bm.num_blocks - bm.num_free_blocks)
+        return len(written), peak, bm
+
+    n, peak, bm = touched(8)
+    assert len(bm.evictable) <= 8 and n <= peak + 8
+    n_unbounded, _, _ = touched(None)
+    assert n_unbounded > 2 * n
+
+
+def test_prefix_cache_bound_zero_shares_only_between_running_sequences():
+    bm = BlockManager(num_blocks=16, block_size=4, max_cached_blocks=0)
+    a = make_seq(list(range(10)))
+    run_prefill(bm, a)
+    assert run_prefill(bm, make_seq(list(range(10)))) == 8  # a is still running
+    bm.free(a)
+    assert run_prefill(bm, make_seq(list(range(10)))) == 8  # the second one still holds the blocks
+
+
 def test_fork_shares_blocks_and_copies_on_write():
     bm = BlockManager(num_blocks=8, block_size=4)
     parent = make_seq([1, 2, 3, 4, 5, 6])  # one full block + a partial one

@@ -7,7 +7,13 @@ import torch.nn.functional as F
 
 from tokenmill.model.layers import cpu_kernels
 from tokenmill.model.layers.activation import silu_and_mul
-from tokenmill.model.layers.linear import AMX_ROWS, Linear, onednn_bf16_available
+from tokenmill.model.layers.linear import (
+    AMX_ROWS,
+    WIDE_COLUMNS,
+    Linear,
+    amx_linear_available,
+    onednn_bf16_available,
+)
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -92,6 +98,22 @@ def test_packed_bf16_linear_equals_f_linear(rows):
     torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-2, rtol=1e-2)
     logits = lin(x, float_out=True)  # what the model's head returns: the bf16 output widened, on every path
     assert logits.dtype == torch.float32 and torch.equal(logits, lin(x).float())
+
+
+def test_vocabulary_sized_head_keeps_no_onednn_copy_with_amx():
+    """With AMX a head wider than WIDE_COLUMNS takes every row count in amx_linear and holds only its tile copy."""
+    if not amx_linear_available():
+        pytest.skip("no AMX on this CPU")
+    torch.manual_seed(4)
+    head = Linear(64, WIDE_COLUMNS + 16, bias=False).to(torch.bfloat16)
+    w = head.weight.detach().clone()
+    assert head.pack_for_cpu()
+    assert head.packed is None and head.tiled_weight is not None and head.weight.numel() == 0
+    x = torch.randn(AMX_ROWS + 44, 64, dtype=torch.bfloat16)  # more rows than the layer linears take
+    logits = head(x, float_out=True)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, F.linear(x, w).float(), atol=0.05, rtol=1e-2)
+    assert torch.equal(logits[-3:], head(x[-3:], float_out=True))  # batch-invariant at any row count
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 11, 13, 16])  # 9-16: the four-weight-row kernel

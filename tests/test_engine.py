@@ -193,8 +193,17 @@ def test_unsupported_architecture_is_named(tmp_path):
         model_class(ModelConfig.from_hf_dir(str(tmp_path)))
 
 
+def test_prefix_cache_is_bounded_by_default_on_cpu(llm):
+    from tokenmill.engine.model_runner import CPU_DEFAULT_PREFIX_CACHE_BYTES
+
+    bm = llm.engine.block_manager
+    assert bm.max_cached_blocks == CPU_DEFAULT_PREFIX_CACHE_BYTES // llm.engine.runner.block_bytes(bm.block_size)
+
+
 def test_engine_config_validation():
     with pytest.raises(ValueError, match="dtype"):
         EngineConfig(dtype="int3")
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        EngineConfig(prefix_cache_bytes=-1)
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=12)

@@ -109,6 +109,30 @@ def test_prefix_cache_hits_keep_greedy_output(tiny):
     _assert_all_blocks_free(llm)
 
 
+def test_bounded_prefix_cache_keeps_greedy_output(tiny):
+    """prefix_cache_bytes of two blocks: a finished request leaves only its two most recently released blocks (the
+    head of its prompt) cached, and what is evicted is reused first."""
+    from tokenmill.model.loader import load_model_config
+
+    arch, path, ref = tiny
+    vocab = ref.config.vocab_size
+    shared = _prompts(vocab, [20], seed=1)[0]
+    prompts = [shared + t for t in _prompts(vocab, [3, 7, 5], seed=2)]
+    expected = hf_greedy(ref, prompts)
+    block_bytes = 4 * load_model_config(path).kv_bytes_per_token(torch.float32)
+    llm = LLM(path, dtype="float32", block_size=4, prefix_cache_bytes=2 * block_bytes + 1)
+    bm = llm.engine.block_manager
+    assert bm.max_cached_blocks == 2
+    got = []
+    for i, p in enumerate(prompts):  # one at a time: each finds what the previous one left
+        got += [o.outputs[0].token_ids for o in llm.generate([p], GREEDY, use_tqdm=False)]
+        assert len(bm.evictable) == 2
+        if bm.window is None:  # (with a sliding window the head's blocks leave first, and a hit needs them)
+            assert llm.engine.stats()["prefix_cache_hits"] == 8 * i
+    assert got == expected
+    _assert_all_blocks_free(llm)
+
+
 def test_parallel_samples_share_prompt_blocks(tiny):
     arch, path, ref = tiny
     prompts = _prompts(ref.config.vocab_size, [13, 6], seed=3)

@@ -22,6 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes (default: a fraction of free memory)")
     p.add_argument("--num-blocks", type=int, default=None, help="exact number of KV-cache blocks (overrides the budget)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="most KV bytes the prefix cache keeps for requests that have finished, least recently used "
+                        "dropped first (default: 256 MiB on CPU, where KV memory becomes resident as it is used; "
+                        "unbounded on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
@@ -65,6 +69,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_bytes=args.kv_cache_bytes,
         num_blocks=args.num_blocks,
         enable_prefix_caching=not args.no_prefix_caching,
+        prefix_cache_bytes=args.prefix_cache_bytes,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,

@@ -176,6 +176,10 @@ class CacheConfig:
     memory_fraction: float = 0.3
     num_blocks: int | None = None  # overrides the budget (tests)
     enable_prefix_caching: bool = True
+    # Most KV bytes the prefix cache keeps in blocks no running sequence uses (least recently used go first).
+    # None: unbounded on CUDA (the cache is allocated up front); on CPU, where a block's memory becomes resident
+    # when it is first written, model_runner.CPU_DEFAULT_PREFIX_CACHE_BYTES.
+    prefix_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -186,6 +190,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.prefix_cache_bytes is not None and self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
 
 
 @dataclass
@@ -260,6 +266,7 @@ class EngineConfig:
     memory_fraction: float = 0.3
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    prefix_cache_bytes: int | None = None  # see CacheConfig
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     num_threads: int | None = None
@@ -311,6 +318,7 @@ class EngineConfig:
             memory_fraction=self.memory_fraction,
             num_blocks=self.num_blocks,
             enable_prefix_caching=self.enable_prefix_caching,
+            prefix_cache_bytes=self.prefix_cache_bytes,
         )
         self.scheduler = SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs)
         self.speculative = SpeculativeConfig(

@@ -18,8 +18,8 @@ Byte formulas (one function each; the engine's quantised layers and int8 KV cach
   Sliding-window layers hold at most ``window`` tokens per sequence (:func:`kv_bytes_per_sequence`).
 
 Memory total = weights + KV cache (C sequences of L tokens, rounded up to whole KV blocks) + activation headroom +
-a fixed runtime overhead (+ on ``cpu`` in bf16, the oneDNN-packed copy of the linear weights the engine keeps next
-to the dense ones, see ``model/layers/linear.py``). It fits when total <= device memory x ``memory_fraction``.
+a fixed runtime overhead (+ on ``cpu`` in bf16, the second copy of the linear weights the engine keeps for its CPU
+kernels, see :func:`cpu_packed_weight_bytes` and ``model/layers/linear.py``). It fits when total <= device memory x ``memory_fraction``.
 
 Activation headroom (:func:`activation_bytes_by_part`), for one forward pass over T = ``max_num_batched_tokens``
 tokens in the float dtype (element size e), R = min(T, concurrency) sampled rows:
@@ -208,17 +208,17 @@ def activation_bytes_by_part(cfg: ModelConfig, dtype: str = "bf16", max_num_batc
 
 
 def cpu_packed_weight_bytes(cfg: ModelConfig, dtype: str = "bf16", amx: bool = False) -> int:
-    """Bytes of the oneDNN-packed copy the engine makes of every bf16 linear weight on CPUs with native bf16
-    (``Linear.pack_for_cpu``): QKV, o, gate_up, down and lm_head (the tied embedding too). The few-row kernel's copy
-    (the dense weight, or with ``amx`` its AMX tile layout) stays next to it, so this is on top of
-    :func:`weight_bytes`; with ``amx`` a head tied to the embeddings adds its tile copy too (the dense embedding
-    stays for lookups)."""
+    """Bytes of the second copy the engine makes of bf16 linear weights on CPUs with native bf16
+    (``Linear.pack_for_cpu``), on top of :func:`weight_bytes`: a oneDNN-packed copy of QKV, o, gate_up and down
+    next to the few-row kernel's copy (the dense weight, or with ``amx`` its AMX tile layout). The head: without
+    ``amx`` a oneDNN copy too; with ``amx`` only its tile copy, which is extra when the head is tied to the
+    embeddings (the dense embedding stays for lookups)."""
     if canonical_dtype(dtype) != "bf16":
         return 0
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    params = n * (h * (q_size + 2 * kv_size) + q_size * h + 3 * h * i) + cfg.vocab_size * h
-    if amx and cfg.tie_word_embeddings:
+    params = n * (h * (q_size + 2 * kv_size) + q_size * h + 3 * h * i)
+    if not amx or cfg.tie_word_embeddings:
         params += cfg.vocab_size * h
     return params * 2
 
@@ -456,7 +456,7 @@ class MemoryEstimate:
 
     weights_by_part: dict[str, int]
     weight_bytes: int
-    cpu_packed_weight_bytes: int  # oneDNN-packed copy of bf16 linear weights (device cpu only)
+    cpu_packed_weight_bytes: int  # second copy of bf16 linear weights for the CPU kernels (device cpu only)
     kv_bytes_per_token: int
     kv_tokens_per_sequence: int  # tokens one sequence holds in its largest layer (window-capped, whole blocks)
     kv_bytes_per_sequence: int
@@ -661,7 +661,7 @@ def format_plan(p: Plan) -> str:
         rows.append((f"  weights: {label}", _gib(m.weights_by_part[k]), ""))
     rows.append(("  weights total", _gib(m.weight_bytes), f"({m.weight_bytes / 1e9:,.2f} GB)"))
     if m.cpu_packed_weight_bytes:
-        rows.append(("  oneDNN-packed copy of the linears (CPU bf16)", _gib(m.cpu_packed_weight_bytes), ""))
+        rows.append(("  second copy of the linears (CPU bf16 kernels)", _gib(m.cpu_packed_weight_bytes), ""))
     rows.append((f"  KV cache ({i.concurrency:,} x {i.context:,} tokens)", _gib(m.kv_bytes),
                  f"({m.kv_bytes_per_token:,} B/token, {m.kv_bytes_per_sequence / 2**20:,.1f} MiB/sequence)"))
     rows.append((f"  activations ({i.max_num_batched_tokens}-token forward)", _gib(m.activation_bytes), ""))

@@ -2,7 +2,9 @@
 
 Prefix cache: each full block is keyed by (key of the previous block, its token ids). The dict compares the token
 tuple exactly, so a hash collision can never hand out the wrong block. Cached blocks whose reference count drops to
-zero stay cached in an LRU and are evicted only when a free block is needed.
+zero stay cached in an LRU and are evicted when a free block is needed, or when there are more of them than
+`max_cached_blocks` (then the evicted block is the next one handed out: the set of blocks ever written, i.e. the
+cache's resident memory on CPU, stays within the peak in use plus that bound).
 
 Attention window: when every layer attends only to the first `sinks` tokens and the last `window` ones (a model's
 native sliding window, or --kv-window), blocks no later token can see are released while the sequence runs; their
@@ -20,11 +22,12 @@ FREED_BLOCK = -1  # block-table entry of a block released because it left the at
 class BlockManager:
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None,
-        sinks: int = 0,
+        sinks: int = 0, max_cached_blocks: int | None = None,
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.max_cached_blocks = max_cached_blocks  # None: cached blocks nobody uses stay until a block is needed
         self.window = window  # None: some layer attends to the whole context, nothing is ever dropped
         self.sinks = sinks
         self.ref_counts = [0] * num_blocks
@@ -48,19 +51,25 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def _take_block(self) -> int:
-        if self.free_blocks:
-            block = self.free_blocks.pop()
-        else:
-            block, _ = self.evictable.popitem(last=False)
-            del self.cached[self.block_key.pop(block)]
+        if not self.free_blocks:
+            self._evict_lru()
+        block = self.free_blocks.pop()
         self.ref_counts[block] = 1
         return block
+
+    def _evict_lru(self) -> None:
+        """Moves the least recently used unreferenced cached block to the top of the free stack."""
+        block, _ = self.evictable.popitem(last=False)
+        del self.cached[self.block_key.pop(block)]
+        self.free_blocks.append(block)
 
     def _release(self, block: int) -> None:
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
             if block in self.block_key:
                 self.evictable[block] = None
+                if self.max_cached_blocks is not None and len(self.evictable) > self.max_cached_blocks:
+                    self._evict_lru()
             else:
                 self.free_blocks.append(block)
 
@@ -192,7 +201,5 @@ class BlockManager:
         return copies
 
     def reset_prefix_cache(self) -> None:
-        for block in list(self.evictable):
-            del self.cached[self.block_key.pop(block)]
-            self.free_blocks.append(block)
-        self.evictable.clear()
+        while self.evictable:
+            self._evict_lru()

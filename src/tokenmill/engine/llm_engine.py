@@ -9,11 +9,12 @@ import time
 import torch
 
 from ..config import EngineConfig, blocks_needed
-from ..model.loader import load_model_config, load_weights_into, resolve_model_path
+from ..model.loader import load_model_config, load_weights_into, release_gguf_readers, resolve_model_path
 from ..quant.apply import weight_bytes_by_part
 from ..model.registry import model_class
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from ..model.layers.attention import configure_windows, layer_windows
+from ..model.layers.hugepages import trim_heap
 from ..model.layers.linear import Linear
 from ..sampling_params import SamplingParams
 from .async_step import PendingSample, can_defer
@@ -92,7 +93,8 @@ class LLMEngine:
         if self.kv_window is not None:
             self._check_window_fits(drop_window or self.kv_window, sinks, num_blocks)
         self.block_manager = BlockManager(
-            num_blocks, cache.block_size, cache.enable_prefix_caching, window=drop_window, sinks=sinks
+            num_blocks, cache.block_size, cache.enable_prefix_caching, window=drop_window, sinks=sinks,
+            max_cached_blocks=self.runner.max_cached_blocks(cache),
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(config.seed)
@@ -109,6 +111,8 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.last_step_num_tokens = 0  # tokens computed by the latest step (metrics)
+        release_gguf_readers()
+        trim_heap()  # loading freed a few hundred MB in pieces that glibc would keep resident
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(

@@ -29,6 +29,7 @@ class BatchLayout:
 
 
 CPU_DEFAULT_KV_BYTES = 4 * 2**30
+CPU_DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20  # SmolLM2 (23 KB per token in bf16): ~11,600 cached tokens
 
 
 def ensure_rope_positions(model: torch.nn.Module, num_positions: int) -> None:
@@ -110,6 +111,15 @@ class ModelRunner:
         if num < 1:
             raise ValueError(f"KV-cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
         return int(num)
+
+    def max_cached_blocks(self, cache: CacheConfig) -> int | None:
+        """The most blocks the prefix cache keeps that no running sequence uses (BlockManager.max_cached_blocks).
+        On CPU the cache's pages become resident when first written (allocate_kv_cache), so without a bound resident
+        memory would grow toward the whole KV budget as finished requests fill the cache."""
+        limit = cache.prefix_cache_bytes
+        if limit is None and self.device.type == "cpu":
+            limit = CPU_DEFAULT_PREFIX_CACHE_BYTES
+        return None if limit is None else limit // self.block_bytes(cache.block_size)
 
     def _cuda_budget(self, cache: CacheConfig) -> int:
         """Fraction of device memory minus what weights and a warm-up forward pass at full token budget use."""

@@ -5,8 +5,8 @@ format and multiplied with oneDNN's linear kernel: measured on a 2-core Sapphire
 is 1.8-2.2x faster than `F.linear` at 1-128 rows and bit-identical to it. Decode steps multiply few rows, where the
 weights are streamed from memory once per step, and there a second copy of the weight feeds a few-row kernel:
 
-* with AMX (Sapphire Rapids and later): cpu_kernels.amx_linear for 1-256 rows (128 for a vocabulary-sized head),
-  the weight in AMX tile order. Measured on a 2-core Xeon with AMX over SmolLM2's 120 layer linears (weights from
+* with AMX (Sapphire Rapids and later): cpu_kernels.amx_linear for 1-256 rows (every row count for a
+  vocabulary-sized head, which then keeps no oneDNN copy), the weight in AMX tile order. Measured on a 2-core Xeon with AMX over SmolLM2's 120 layer linears (weights from
   DRAM, medians of 9 rounds): 9.0 / 9.5 / 11.3 / 14.7 ms at 1 / 16 / 32 / 64 rows against oneDNN's 12.7 / 13.2 /
   14.5 / 16.1 ms, i.e. one to sixteen rows cost the same; see AMX_ROWS for more rows. The dense copy is released.
 * with AVX512-BF16 but no AMX (Zen 4): cpu_kernels.small_m_linear for 1-16 rows, reading the dense weight: ~30 GB/s
@@ -20,6 +20,7 @@ for bit). Weights live on huge pages (see hugepages.py).
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +33,14 @@ logger = logging.getLogger(__name__)
 SMALL_M_ROWS = 8  # up to this many rows small_m_linear streams the weights at the cost of one row
 SMALL_M_MAX_ROWS = 16  # the most rows small_m_linear takes (9-16: compute-bound, still faster than oneDNN)
 # The most rows amx_linear takes; beyond, oneDNN's GEMM is faster. Measured on a 2-core Xeon over SmolLM2's 120
-# layer linears (128 rows: 18-20 ms against oneDNN's 27 ms; 256: 34 vs 39 ms; 512: 62 vs 55 ms) and its
-# 49152-column head, whose output writes weigh more (128 rows: 4.1 vs 4.6 ms; 256: 8.7 vs 7.4 ms).
+# layer linears (128 rows: 18-20 ms against oneDNN's 27 ms; 256: 34 vs 39 ms; 512: 62 vs 55 ms).
 AMX_ROWS = 256
-AMX_WIDE_ROWS = 128  # for layers with more than WIDE_COLUMNS output columns
+# A layer with more output columns is a vocabulary-sized head: its float32 logits cost amx_linear no more than
+# oneDNN's GEMM plus the widening pass at any row count (SmolLM2's 49152 x 576 head, 2-core Xeon: 128 rows 5.5 vs
+# 5.3 ms, 256: 21.4 vs 20.3 ms, 512: 46.1 vs 50.3 ms), so it takes every row and keeps no oneDNN copy (55 MB).
 WIDE_COLUMNS = 16384
 AMX_FLAT_ROWS = 16  # up to this many rows amx_linear costs about one row
+ONEDNN_ROW_QUANTUM = 32  # oneDNN calls get their rows padded to a multiple of this (see onednn_linear)
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,6 +65,20 @@ def amx_linear_available() -> bool:
     return ops is not None and hasattr(ops, "amx_linear") and bool(ops.amx_available())
 
 
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T through oneDNN's linear kernel, with the rows padded to a multiple of ONEDNN_ROW_QUANTUM.
+
+    oneDNN JIT-compiles a kernel for every new input shape and keeps up to 1024 of them. Measured on a 2-core Xeon
+    (3072 x 576 bf16 weight, ~420 rows): a new row count costs 4.3 ms against 0.5 ms once compiled, and each kept
+    kernel ~0.3 MB. Most steps that reach oneDNN fill the token budget, but the others (a wave's last prompt chunk)
+    bring new row counts: unpadded, the engine's resident memory grew by ~30 MB per 128 ShareGPT requests
+    (1,077 -> 1,195 MB over six rounds; padded 1,074 -> 1,084 MB) at the same speed."""
+    pad = -x.shape[0] % ONEDNN_ROW_QUANTUM
+    if pad == 0 or x.dim() != 2:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(F.pad(x, (0, 0, 0, pad)), packed, bias, "none", [], "")[: x.shape[0]]
+
+
 class Linear(nn.Linear):
     """nn.Linear with an optional CPU-packed weight (see the module docstring)."""
 
@@ -78,35 +95,36 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         """x @ W.T (+ bias). `float_out`: the result rounded to the layer's dtype, then widened to float32 (what
         `.float()` gives); amx_linear writes it so directly, which saves a pass over a vocabulary-sized output."""
-        if self.packed is not None:
-            if self.small_m is not None and x.dim() == 2 and x.shape[0] <= self.small_m_rows:
-                tiled = self.tiled_weight
-                if tiled is not None:
-                    return self.small_m(x, tiled, self.bias, float_out)
-                out = self.small_m(x, self.weight, self.bias)
-            else:
-                out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.small_m is not None and x.dim() == 2 and x.shape[0] <= self.small_m_rows:
+            tiled = self.tiled_weight
+            if tiled is not None:
+                return self.small_m(x, tiled, self.bias, float_out)
+            out = self.small_m(x, self.weight, self.bias)
+        elif self.packed is not None:
+            out = onednn_linear(x, self.packed, self.bias)
         else:
             out = dense(x, self.weight, self.bias)
         return out.float() if float_out else out
 
     def pack_for_cpu(self, release_dense: bool = True) -> bool:
-        """Re-lays out a bf16 CPU weight for oneDNN (and for the few-row kernel this CPU has); returns whether it
-        did. With `release_dense` the dense weight is replaced by an empty tensor unless the few-row kernel reads
+        """Re-lays out a bf16 CPU weight for oneDNN and for the few-row kernel this CPU has (with AMX a
+        vocabulary-sized head gets only the latter); returns whether it did. With `release_dense` the dense weight is replaced by an empty tensor unless the few-row kernel reads
         it (pass False when the weight is shared, e.g. tied embeddings)."""
         w = self.weight
-        if self.packed is not None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not onednn_bf16_available():
+        if (self.small_m is not None or self.packed is not None or w.device.type != "cpu" or w.dtype != torch.bfloat16
+                or not onednn_bf16_available()):
             return False
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
         ops = cpu_ops()
         n, k = w.shape
         if amx_linear_available() and n % 16 == 0 and k % 32 == 0:
             self.tiled_weight = nn.Parameter(ops.amx_pack(w.detach()), requires_grad=False)
-            rows = AMX_WIDE_ROWS if n > WIDE_COLUMNS else AMX_ROWS
+            rows = sys.maxsize if n > WIDE_COLUMNS else AMX_ROWS
             self.small_m, self.small_m_rows, self.flat_cost_rows = ops.amx_linear, rows, AMX_FLAT_ROWS
         elif ops is not None and hasattr(ops, "small_m_linear") and k % 32 == 0 and w.is_contiguous():
             self.small_m, self.small_m_rows, self.flat_cost_rows = ops.small_m_linear, SMALL_M_MAX_ROWS, SMALL_M_ROWS
             release_dense = False  # small_m_linear reads the dense weight
+        if self.small_m_rows < sys.maxsize:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
         if release_dense:
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return True
@@ -120,5 +138,5 @@ def pack_linear_weights(model: nn.Module, shared: set[int] = frozenset()) -> int
         if isinstance(module, Linear):
             n += module.pack_for_cpu(release_dense=id(module.weight) not in shared)
     if n:
-        logger.info("packed %d linear layers for oneDNN bf16", n)
+        logger.info("packed %d linear layers for the CPU kernels (bf16)", n)
     return n
