@@ -53,8 +53,13 @@ class LLMEngine:
 
         t0 = time.perf_counter()
         cls = model_class(cfg)
-        with torch.device(self.device):
-            model = cls(cfg, max_positions=self.max_model_len)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # parameters born in the model dtype: no float32 model first (RAM peak)
+        try:
+            with torch.device(self.device):
+                model = cls(cfg, max_positions=self.max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
         model = model.to(self.dtype)
         self.quant_layout = load_weights_into(model, self.model_path, config.quantization)
         self.weight_bytes = weight_bytes_by_part(model)
