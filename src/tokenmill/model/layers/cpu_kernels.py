@@ -808,8 +808,9 @@ static inline void amx_group(const uint16_t* a, int64_t a_stride_bytes, const ui
   if (G > 3) _tile_stored(3, cbuf + 768, 64);
 }
 
-// float_out: the same bf16-rounded values, widened to float32 (what `.float()` of the bf16 result gives, without
-// another pass over a vocabulary-sized output)
+// float_out: the float32 accumulators (+ bias) as they are, unrounded: a vocabulary-sized head's logits then keep
+// the precision bf16 rounding would take (8 bits: steps of 0.125 at 16-32), which near-ties and logprobs need.
+// The bf16 output is these values rounded to nearest even.
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
                       bool float_out) {
   TORCH_CHECK(x.dim() == 2 && wt.dim() == 4 && wt.size(2) == 16 && wt.size(3) == 32 && x.size(1) == wt.size(1) * 32,
@@ -839,11 +840,12 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::opti
       const __m512 bv = bp ? _mm512_loadu_ps(bp + (t + j) * 16) : _mm512_setzero_ps();
       for (int64_t r = 0; r < rows; ++r) {
         const float* c = cbuf + j * 256 + r * 16;
-        const __m256bh v = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c), bv));
+        const __m512 acc = _mm512_add_ps(_mm512_load_ps(c), bv);
         if (fp)
-          _mm512_storeu_ps(fp + (row0 + r) * N + (t + j) * 16, _mm512_cvtpbh_ps(v));
+          _mm512_storeu_ps(fp + (row0 + r) * N + (t + j) * 16, acc);
         else
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (row0 + r) * N + (t + j) * 16), (__m256i)v);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + (row0 + r) * N + (t + j) * 16),
+                              (__m256i)_mm512_cvtneps_pbh(acc));
       }
     }
   };

@@ -93,8 +93,9 @@ class Linear(nn.Linear):
         self.register_parameter("tiled_weight", None)
 
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
-        """x @ W.T (+ bias). `float_out`: the result rounded to the layer's dtype, then widened to float32 (what
-        `.float()` gives); amx_linear writes it so directly, which saves a pass over a vocabulary-sized output."""
+        """x @ W.T (+ bias). `float_out`: a float32 result. amx_linear writes its float32 accumulators unrounded
+        (more precise logits, and no pass over a vocabulary-sized output); the other paths widen the result in the
+        layer's dtype. Rounded to the layer's dtype, both equal the plain output."""
         if self.small_m is not None and x.dim() == 2 and x.shape[0] <= self.small_m_rows:
             tiled = self.tiled_weight
             if tiled is not None:
