@@ -12,7 +12,10 @@ the engine process) after start-up and after each round. Configurations, one ser
 
 Writes benchmarks/results/memory_cpu.json and .png.
 
-    python benchmarks/bench_memory.py [--rounds 4] [--name memory_cpu]
+    python benchmarks/bench_memory.py [--rounds 4] [--name memory_cpu] [--before OLD.json LABEL]
+
+`--before` embeds a run of this script made on another checkout (for memory_cpu.*: commit 1afa4bd, run with
+PYTHONPATH pointing at that checkout's src and `--configs default,off`) and plots it dashed.
 """
 from __future__ import annotations
 
@@ -91,6 +94,11 @@ def plot(results: dict[str, Any], path: str) -> None:
     for name, r in results["configs"].items():
         xs = [p["round"] for p in r["points"]]
         ax.plot(xs, [p["peak_rss_mb"] for p in r["points"]], marker="o", label=f"{name} {' '.join(r['args'])}")
+    before = results.get("before")
+    for name, r in (before or {}).get("configs", {}).items():
+        xs = [p["round"] for p in r["points"]]
+        ax.plot(xs, [p["peak_rss_mb"] for p in r["points"]], marker="x", linestyle=":",
+                label=f"{before['label']}: {name} {' '.join(r['args'])}")
     ax.axhline(2048, color="grey", linestyle="--", linewidth=1, label="2 GiB target")
     ax.set_xlabel(f"rounds of {results['prompts_per_round']} new ShareGPT prompts (c={results['concurrency']})")
     ax.set_ylabel("peak RSS of the server (MiB)")
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--name", default="memory_cpu")
+    p.add_argument("--before", nargs=2, metavar=("JSON", "LABEL"),
+                   help="another run of this script (e.g. an older commit) to include and plot dashed")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "prompts_per_round": n, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
         "rss": "process tree (HTTP + engine processes); peak = sum of each process's VmHWM", "configs": {},
     }
+    if args.before:
+        with open(args.before[0]) as f:
+            results["before"] = {"label": args.before[1], "configs": json.load(f)["configs"]}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as log_dir:
         for name in args.configs.split(","):
             results["configs"][name] = run_config(name, CONFIGS[name], rounds, args, log_dir)
