@@ -69,7 +69,8 @@ def run_config(name: str, extra: list[str], rounds: list[list[list[int]]], args:
            "--dtype", "bfloat16", *extra]
     with ServerProcess(name, cmd, port, "/health", log_dir) as server:
         startup = server.start(timeout=300)
-        points = [{"round": 0, "rss_mb": tree_rss_mb(server.pids()), "peak_rss_mb": process_tree_peak_rss_mb(server.pids())}]
+        points = [{"round": 0, "rss_mb": tree_rss_mb(server.pids()),
+                   "peak_rss_mb": process_tree_peak_rss_mb(server.pids())}]
         for i, prompts in enumerate(rounds, 1):
             specs = load_client.prompts_to_requests(prompts, args.max_tokens)
             res = load_client.run_benchmark(server.base_url, specs, concurrency=args.concurrency, ignore_eos=True,

@@ -6,9 +6,10 @@ is 1.8-2.2x faster than `F.linear` at 1-128 rows and bit-identical to it. Decode
 weights are streamed from memory once per step, and there a second copy of the weight feeds a few-row kernel:
 
 * with AMX (Sapphire Rapids and later): cpu_kernels.amx_linear for 1-256 rows (every row count for a
-  vocabulary-sized head, which then keeps no oneDNN copy), the weight in AMX tile order. Measured on a 2-core Xeon with AMX over SmolLM2's 120 layer linears (weights from
-  DRAM, medians of 9 rounds): 9.0 / 9.5 / 11.3 / 14.7 ms at 1 / 16 / 32 / 64 rows against oneDNN's 12.7 / 13.2 /
-  14.5 / 16.1 ms, i.e. one to sixteen rows cost the same; see AMX_ROWS for more rows. The dense copy is released.
+  vocabulary-sized head, which then keeps no oneDNN copy), the weight in AMX tile order. Measured on a 2-core Xeon
+  with AMX over SmolLM2's 120 layer linears (weights from DRAM, medians of 9 rounds): 9.0 / 9.5 / 11.3 / 14.7 ms
+  at 1 / 16 / 32 / 64 rows against oneDNN's 12.7 / 13.2 / 14.5 / 16.1 ms, i.e. one to sixteen rows cost the same;
+  see AMX_ROWS for more rows. The dense copy is released.
 * with AVX512-BF16 but no AMX (Zen 4): cpu_kernels.small_m_linear for 1-16 rows, reading the dense weight: ~30 GB/s
   for 1 to 8 rows on a 2-core Zen 4 (34 GB/s read bandwidth) where oneDNN reaches ~14 GB/s at one row; at 9-16 rows
   the dot products set the pace (four weight rows in registers feed each loaded x chunk), 10-25% faster than oneDNN
@@ -109,8 +110,9 @@ class Linear(nn.Linear):
 
     def pack_for_cpu(self, release_dense: bool = True) -> bool:
         """Re-lays out a bf16 CPU weight for oneDNN and for the few-row kernel this CPU has (with AMX a
-        vocabulary-sized head gets only the latter); returns whether it did. With `release_dense` the dense weight is replaced by an empty tensor unless the few-row kernel reads
-        it (pass False when the weight is shared, e.g. tied embeddings)."""
+        vocabulary-sized head gets only the latter); returns whether it did. With `release_dense` the dense weight
+        is replaced by an empty tensor unless the few-row kernel reads it (pass False when the weight is shared,
+        e.g. tied embeddings)."""
         w = self.weight
         if (self.small_m is not None or self.packed is not None or w.device.type != "cpu" or w.dtype != torch.bfloat16
                 or not onednn_bf16_available()):
