@@ -19,7 +19,8 @@ Byte formulas (one function each; the engine's quantised layers and int8 KV cach
 
 Memory total = weights + KV cache (C sequences of L tokens, rounded up to whole KV blocks) + activation headroom +
 a fixed runtime overhead (+ on ``cpu`` in bf16, the second copy of the linear weights the engine keeps for its CPU
-kernels, see :func:`cpu_packed_weight_bytes` and ``model/layers/linear.py``). It fits when total <= device memory x ``memory_fraction``.
+kernels, see :func:`cpu_packed_weight_bytes` and ``model/layers/linear.py``). It fits when total <= device memory x
+``memory_fraction``.
 
 Activation headroom (:func:`activation_bytes_by_part`), for one forward pass over T = ``max_num_batched_tokens``
 tokens in the float dtype (element size e), R = min(T, concurrency) sampled rows:
