@@ -40,6 +40,8 @@ class _Stub:
         self.in_flight = 0
         self.max_in_flight = 0
         self.payloads: list[dict] = []
+        self.models_503 = 0  # /v1/models answers 503 ("loading") this many more times
+        self.models_calls = 0
 
     def app(self):
         from starlette.applications import Starlette
@@ -79,7 +81,15 @@ class _Stub:
 
             return StreamingResponse(gen(), media_type="text/event-stream")
 
-        return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+        async def models(request):  # no /health route: like llama-cpp-python's server
+            self.models_calls += 1
+            if self.models_503 > 0:
+                self.models_503 -= 1
+                return JSONResponse({"error": {"message": "loading", "type": "unavailable"}}, status_code=503)
+            return JSONResponse({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+        return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                                 Route("/v1/models", models, methods=["GET"])])
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +191,18 @@ def test_failures_and_goodput(stub_server):
     # nothing listening: every request fails cleanly, no exception
     res = run_benchmark(f"http://127.0.0.1:{_free_port()}", _specs(2, 4), concurrency=2, progress=False)
     assert res.completed == 0 and res.failed == 2 and res.errors
+
+
+def test_wait_for_server_waits_out_loading_and_falls_back_to_models(stub_server):
+    url, stub = stub_server
+    stub.models_503, stub.models_calls = 2, 0
+    waited = load_client.wait_for_server(url, timeout=30, interval=0.05)
+    assert stub.models_calls == 3 and stub.models_503 == 0  # /health is 404 here: polled /v1/models to its 200
+    assert waited >= 0.1
+    stub.models_503 = 10**6
+    with pytest.raises(TimeoutError, match="/v1/models not ready"):
+        load_client.wait_for_server(url, timeout=0.3, interval=0.05)
+    stub.models_503 = 0
 
 
 def test_request_rate_spreads_arrivals(stub_server):

@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any
 
-from ..argtypes import non_negative_int, parse_number, positive_float, positive_int
+from ..argtypes import non_negative_float, non_negative_int, parse_number, positive_float, positive_int
 from . import workloads as wl
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workload = workload_from_args(args, tokenizer)
     text_tok = tokenizer if prompt_format == "text" else None
     specs = load_client.prompts_to_requests(workload.prompts, workload.max_tokens, text_tok)
+    if args.ready_timeout > 0:  # a server that is still loading answers 503: wait for it, as vLLM's bench does
+        waited = load_client.wait_for_server(args.base_url, timeout=args.ready_timeout, api_key=api_key)
+        if waited > 1.0:
+            logger.info("%s ready after %.1f s", args.base_url, waited)
     model = args.model or load_client.served_model_id(args.base_url, api_key)
     if model is None:
         logger.warning("GET %s/v1/models gave no model id; sending requests without 'model'", args.base_url)
@@ -431,6 +435,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--extra-body", default=None, help="JSON object merged into every request")
     s.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
     s.add_argument("--timeout", type=positive_float, default=600.0, help="per-request timeout in seconds")
+    s.add_argument("--ready-timeout", type=non_negative_float, default=300.0,
+                   help="wait up to this many seconds for GET /health (or /v1/models) to answer 200 before "
+                        "starting; 0 skips the check (default 300)")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_serve)

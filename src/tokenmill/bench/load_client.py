@@ -461,21 +461,29 @@ def served_model_id(base_url: str, api_key: str | None = None) -> str | None:
 
 
 def wait_for_server(base_url: str, path: str = "/health", timeout: float = 300.0, proc: Any = None,
-                    interval: float = 0.5) -> float:
+                    interval: float = 0.5, api_key: str | None = None) -> float:
     """Poll ``GET base_url+path`` until it answers 200; returns the seconds waited.
 
-    ``proc`` (a ``subprocess.Popen``): fail at once if it exits. Raises TimeoutError / RuntimeError.
+    A server without ``path`` (404, e.g. llama-cpp-python has no /health) is polled on ``/v1/models`` instead.
+    Connection errors and 503 (still loading) keep it waiting. ``proc`` (a ``subprocess.Popen``): fail at once if
+    it exits. Raises TimeoutError / RuntimeError.
     """
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + path
     t0 = time.perf_counter()
     while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server process exited with code {proc.returncode} before {url} was ready")
         try:
-            if httpx.get(url, timeout=5.0).status_code == 200:
+            status = httpx.get(url, timeout=5.0, headers=headers).status_code
+            if status == 200:
                 return time.perf_counter() - t0
+            if status == 404 and path != "/v1/models":
+                path = "/v1/models"
+                url = base_url.rstrip("/") + path
+                continue
         except httpx.HTTPError:
             pass
         if time.perf_counter() - t0 > timeout:
