@@ -353,7 +353,8 @@ def bench_hf(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, An
 
 def measure_roofline(args: argparse.Namespace) -> dict[str, Any]:
     from tokenmill.bench.machine import measure_bandwidth, measure_matmul, roofline
-    from tokenmill.model.loader import load_model_config, resolve_model_path
+    from tokenmill.model.loader import load_model_config
+    from tokenmill.model.paths import resolve_model_path
 
     wait_quiet()
     cfg = load_model_config(resolve_model_path(args.model))

@@ -172,7 +172,7 @@ def main() -> int:
     args = ap.parse_args()
     set_wait_quiet_default(args.wait_quiet)
 
-    from tokenmill.model.loader import resolve_model_path
+    from tokenmill.model.paths import resolve_model_path
     from tokenmill.quant.calibration import heldout_samples
     from tokenmill.quant.quantize import quantize_checkpoint
 

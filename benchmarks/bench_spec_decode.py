@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
 
-    from tokenmill.model.loader import default_model_path
+    from tokenmill.model.paths import default_model_path
     from tokenmill.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_path(default_model_path())

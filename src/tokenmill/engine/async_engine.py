@@ -23,12 +23,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
-from .llm_engine import LLMEngine
 from .outputs import CompletionOutput, RequestOutput
+
+if TYPE_CHECKING:  # the HTTP process uses this module's frontend classes without loading the engine (and torch)
+    from .llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +235,8 @@ class AsyncEngine(EngineFrontend):
 
     @classmethod
     def from_config(cls, config: EngineConfig, **kwargs: Any) -> "AsyncEngine":
+        from .llm_engine import LLMEngine
+
         return cls(LLMEngine(config), **kwargs)
 
     # ---- properties -----------------------------------------------------------------------------------------

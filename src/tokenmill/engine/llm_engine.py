@@ -9,7 +9,8 @@ import time
 import torch
 
 from ..config import EngineConfig, blocks_needed
-from ..model.loader import load_model_config, load_weights_into, release_gguf_readers, resolve_model_path
+from ..model.loader import load_model_config, load_weights_into, release_gguf_readers
+from ..model.paths import resolve_model_path
 from ..quant.apply import weight_bytes_by_part
 from ..model.registry import model_class
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DTYPES
-from ..model.loader import iter_weights, load_model_config, resolve_model_path
+from ..config import torch_dtype
+from ..model.loader import iter_weights, load_model_config
+from ..model.paths import resolve_model_path
 from ..model.registry import model_class
 from ..model.tokenizer import Tokenizer
 from .apply import cast_float_weights, quantize_model, weight_bytes_by_part
@@ -49,8 +50,7 @@ def quantize_checkpoint(model: str | None, method: str, out_dir: str, group_size
         raise ValueError("'gguf' keeps a GGUF file's own blocks at load time (serve --quantization gguf); "
                          "it is not a quantize method")
     policy = resolve_policy(method, group_size)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}")
+    float_dtype = torch_dtype(dtype)  # a clear error before the long work
     t0 = time.perf_counter()
     # calibration and scaling in float32, so folding scales into norms loses nothing
     m, cfg, path = load_float_model(model, torch.float32)
@@ -68,6 +68,6 @@ def quantize_checkpoint(model: str | None, method: str, out_dir: str, group_size
         report, importance = awq.report, awq.importance
         calib = {"samples": len(samples), "seq_len": calibration_seq_len, "source": "ShareGPT V3 conversations 1000-3000"}
     layout = quantize_model(m, policy, importance)
-    cast_float_weights(m, DTYPES[dtype])
+    cast_float_weights(m, float_dtype)
     save_quantized_checkpoint(m, layout, out_dir, tokenizer, extra={"policy": policy.to_dict(), "calibration": calib})
     return QuantizeResult(out_dir, layout, weight_bytes_by_part(m), float_bytes, report, time.perf_counter() - t0)

@@ -431,7 +431,7 @@ class _DrainingServer:
 def run_server(registry_config: RegistryConfig, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info") -> int:
     """Serves until SIGTERM/SIGINT; returns the process exit code (0 after a graceful drain)."""
-    from ..model.loader import resolve_model_path
+    from ..model.paths import resolve_model_path
 
     for spec in registry_config.models:  # a wrong path is a clear error now, before the port opens
         resolve_model_path(spec.engine.model)
