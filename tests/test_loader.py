@@ -119,6 +119,23 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def test_chunked_dequantize_equals_whole(smollm2_gguf_path, monkeypatch):
+    """Matrices are dequantised a few rows at a time (RAM peak); every chunking gives gguf's own result."""
+    from gguf.quants import dequantize
+
+    reader = loader.open_gguf(smollm2_gguf_path)
+    tensors = {t.tensor_type.name: t for t in reader.tensors}
+    for kind in ("Q4_1", "Q8_0", "F32"):
+        t = tensors[kind]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        whole = dequantize(t.data, t.tensor_type).reshape(shape)
+        for chunk in (1000, 1 << 21):
+            monkeypatch.setattr(loader, "_DEQUANT_CHUNK_ELEMS", chunk)
+            out = loader._dequantize(t.data, t.tensor_type, shape)
+            assert out.dtype == np.float32 and out.flags.writeable
+            np.testing.assert_array_equal(out, whole)
+
+
 @pytest.mark.parametrize("shape,heads", [((576, 576), 9), ((192, 576), 3), ((8,), 2)])
 def test_unpermute_inverts_llamacpp_permutation(shape, heads):
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)

@@ -64,13 +64,16 @@ class LLMEngine:
         model = model.to(self.dtype)
         self.quant_layout = load_weights_into(model, self.model_path, config.quantization)
         self.weight_bytes = weight_bytes_by_part(model)
+        self.tokenizer = Tokenizer.from_path(config.tokenizer or self.model_path)
+        # the GGUF reader and the loading's temporaries go before the packed and huge-page copies come (RAM peak)
+        release_gguf_readers()
+        trim_heap()
         model.prepare_for_inference()
         self.model = model.eval()
         logger.info(
             "weights: %.1f MiB (%s)", self.weight_bytes["total"] / 2**20,
             ", ".join(f"{k} {v / 2**20:.1f}" for k, v in self.weight_bytes.items() if k != "total"),
         )
-        self.tokenizer = Tokenizer.from_path(config.tokenizer or self.model_path)
         logger.info("loaded %s (%s, %s) in %.1fs", self.model_path, cfg.architecture, self.dtype, time.perf_counter() - t0)
 
         # --kv-window: every layer sees the first kv_sinks tokens and the last kv_window (or its own narrower window)

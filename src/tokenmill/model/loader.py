@@ -187,11 +187,28 @@ def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+_DEQUANT_CHUNK_ELEMS = 1 << 21
+
+
+def _dequantize(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A fresh float32 array of `shape` from GGUF tensor data (a copy: F32 data are read-only views of the memory
+    map). Matrices go in chunks of rows: gguf's dequantize makes several float32 temporaries of its input's size,
+    ~340 MB at once for SmolLM2's 28M-entry embedding."""
+    from gguf.quants import dequantize
+
+    out = np.empty(shape, dtype=np.float32)
+    if data.ndim != 2 or len(shape) != 2 or data.shape[0] != shape[0]:
+        out[...] = dequantize(data, qtype).reshape(shape)
+        return out
+    step = max(1, _DEQUANT_CHUNK_ELEMS // max(1, shape[1]))
+    for r in range(0, shape[0], step):
+        out[r : r + step] = dequantize(data[r : r + step], qtype).reshape(-1, shape[1])
+    return out
+
+
 def _iter_gguf(
     path: str, reader: Any, cfg: ModelConfig, permuted: bool, keep_quantized: bool = False
 ) -> Iterator[tuple[str, Any]]:
-    from gguf.quants import dequantize
-
     from ..quant.gguf_blocks import GGUF_DIRECT_TYPES, gguf_quantized_weight, permute_rows
 
     for t in reader.tensors:
@@ -216,14 +233,10 @@ def _iter_gguf(
             yield name, qw
             continue
         try:
-            # numpy array in row-major HF orientation: GGUF lists dims fastest-first, i.e. reversed
-            arr = dequantize(t.data, t.tensor_type)
+            # float32 in row-major HF orientation: GGUF lists dims fastest-first, i.e. reversed
+            w = torch.from_numpy(_dequantize(t.data, t.tensor_type, expected))
         except Exception as e:
             raise ValueError(f"cannot dequantise tensor {t.name} ({t.tensor_type.name}) in {path}: {e}") from e
-        if arr.shape != expected:
-            arr = arr.reshape(expected)
-        # copy: F32 tensors come back as read-only views of the memory map
-        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         if permuted and kind == "attn_q":
             w = _unpermute_rows(w, cfg.num_heads)
         elif permuted and kind == "attn_k":

@@ -26,6 +26,7 @@ _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
 _MIN_BYTES = 64 << 10  # norms and biases are not worth moving
 _ALIGN = 64
+_TRIM_BYTES = 32 << 20
 
 
 def _madvise_huge(addr: int, length: int) -> bool:
@@ -66,11 +67,17 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
         if length and not _madvise_huge(start, length):
             logger.debug("madvise(MADV_HUGEPAGE) refused; weights stay on regular pages")
         first = (start - base) // size
+        untrimmed = 0
         with torch.no_grad():
             for p, off in zip(group, offsets):
                 view = arena[first + off : first + off + p.numel()].view(p.shape)
                 view.copy_(p.data)
                 p.data = view
+                # the old copy is freed into glibc's heap, where it would stay resident next to the arena
+                untrimmed += p.numel() * size
+                if untrimmed >= _TRIM_BYTES:
+                    trim_heap()
+                    untrimmed = 0
         moved += total * size
     logger.info("%.1f MiB of weights moved to huge-page-advised memory", moved / 2**20)
     return moved
