@@ -8,8 +8,9 @@ touched, then each large parameter copied in and re-pointed at its slice (tied w
 object is shared).
 
 Loading frees a few hundred MB in many medium-sized pieces (float32 copies of dequantised weights, dense weights
-replaced by packed ones); glibc keeps such memory mapped in its heap, so the process keeps it resident. `trim_heap`
-returns it (SmolLM2 from its GGUF: 1,384 -> 1,165 MB resident).
+replaced by packed ones, the old copies of the weights moved here); glibc keeps such memory mapped in its heap, so
+the process keeps it resident. `trim_heap` returns it; the move trims every 32 MB, so the old copies and the arena
+are never resident together (SmolLM2 from its GGUF: start-up peak 1,194 -> 897 MB with the other loading changes).
 """
 from __future__ import annotations
 
