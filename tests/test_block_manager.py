@@ -1,4 +1,5 @@
-"""Block manager: reference counts, prefix-cache hits with exact token checks, LRU eviction, copy-on-write forks."""
+"""Block manager: reference counts, prefix-cache hits with exact token checks, LRU eviction, copy-on-write forks,
+hits under an attention window."""
 from __future__ import annotations
 
 from tokenmill import SamplingParams
@@ -131,3 +132,56 @@ def test_fork_shares_blocks_and_copies_on_write():
     bm.free(parent)
     bm.free(child)
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
+
+
+def _evict_all_but(bm: BlockManager, keep: set[int]) -> None:
+    for block in [b for b in bm.evictable if b not in keep]:
+        del bm.evictable[block]
+        del bm.cached[bm.block_key.pop(block)]
+        bm.free_blocks.append(block)
+
+
+def test_window_hit_needs_only_the_visible_blocks():
+    """Window 4, blocks of 2: a 12-token prefix's next token sees blocks 4 and 5 only; the blocks before them may be
+    gone from the cache. A hit attaches 4 and 5 behind FREED_BLOCK entries, as if they had been dropped."""
+    from tokenmill.engine.block_manager import FREED_BLOCK
+
+    bm = BlockManager(num_blocks=32, block_size=2, window=4)
+    a = make_seq(list(range(12)))
+    run_prefill(bm, a)
+    assert bm.drop_out_of_window(a) == 4  # blocks 0-3 left the window
+    kept = set(a.block_table[4:6])
+    bm.free(a)
+    _evict_all_but(bm, kept)
+    b = make_seq(list(range(12)) + [50, 51, 52])
+    assert bm.match_prefix(b) == 12
+    assert b.block_table[:4] == [FREED_BLOCK] * 4 and set(b.block_table[4:]) == kept
+    assert b.dropped_until == 4 and len(b.block_keys) == 6
+    assert bm.append_slots(b, 3)
+    b.num_computed_tokens = 15
+    bm.commit_computed(b)  # the chain of keys goes on from the hit
+    assert len(b.block_keys) == 7
+    bm.free(b)
+    c = make_seq(list(range(12)) + [50, 51, 52, 53])  # finds the block b added (it needs blocks 5 and 6 now)
+    assert bm.match_prefix(c) == 14 and c.block_table[:5] == [FREED_BLOCK] * 5
+    bm.free(c)
+    # a block inside the window missing: the hit stops before it (here: nothing usable)
+    _evict_all_but(bm, set())
+    assert bm.match_prefix(make_seq(list(range(12)) + [60])) == 0
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
+
+
+def test_window_hit_keeps_sink_blocks():
+    """With 2 sink tokens (block 0) a hit also needs block 0: evicting it ends the hit, whatever else is cached."""
+    bm = BlockManager(num_blocks=32, block_size=2, window=4, sinks=2)
+    a = make_seq(list(range(12)))
+    run_prefill(bm, a)
+    assert bm.drop_out_of_window(a) == 3  # blocks 1-3; block 0 holds the sinks
+    sink, visible = a.block_table[0], set(a.block_table[4:6])
+    bm.free(a)
+    _evict_all_but(bm, visible | {sink})
+    b = make_seq(list(range(12)) + [70])
+    assert bm.match_prefix(b) == 12 and b.block_table[0] == sink and b.dropped_until == 4
+    bm.free(b)
+    _evict_all_but(bm, visible)
+    assert bm.match_prefix(make_seq(list(range(12)) + [71])) == 0

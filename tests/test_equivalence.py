@@ -133,6 +133,33 @@ def test_bounded_prefix_cache_keeps_greedy_output(tiny):
     _assert_all_blocks_free(llm)
 
 
+def test_sliding_window_prefix_hit_without_the_evicted_head(tiny_model_factory):
+    """Mistral (window 8, blocks of 4): a prompt's head blocks leave the window first, so a bounded cache evicts
+    them first. A later prompt with the same 24-token prefix still hits all 24 tokens: its next token sees only
+    blocks 4 and 5, which stayed cached. Greedy output equals transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.model.loader import load_model_config
+
+    path = tiny_model_factory("mistral")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    vocab = ref.config.vocab_size
+    shared = _prompts(vocab, [24], seed=4)[0]
+    first, second = (shared + t for t in _prompts(vocab, [1, 3], seed=5))
+    expected = hf_greedy(ref, [first, second])
+    block_bytes = 4 * load_model_config(path).kv_bytes_per_token(torch.float32)
+    llm = LLM(path, dtype="float32", block_size=4, prefix_cache_bytes=5 * block_bytes + 1)
+    bm = llm.engine.block_manager
+    assert bm.window == 8 and bm.max_cached_blocks == 5
+    got = [o.outputs[0].token_ids for o in llm.generate([first], GREEDY, use_tqdm=False)]
+    head = (hash(None), tuple(shared[:4]))
+    assert head not in bm.cached  # evicted: it left the window first
+    got += [o.outputs[0].token_ids for o in llm.generate([second], GREEDY, use_tqdm=False)]
+    assert llm.engine.stats()["prefix_cache_hits"] == 24
+    assert got == expected
+    _assert_all_blocks_free(llm)
+
+
 def test_parallel_samples_share_prompt_blocks(tiny):
     arch, path, ref = tiny
     prompts = _prompts(ref.config.vocab_size, [13, 6], seed=3)

@@ -76,7 +76,11 @@ class BlockManager:
     # ---- sequence operations ---------------------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> int:
         """Attaches cached blocks for the longest cached prefix of a sequence that has no blocks yet.
-        Returns the number of tokens found. At least one token is always left to compute (for its logits)."""
+        Returns the number of tokens found. At least one token is always left to compute (for its logits).
+
+        With an attention window a prefix needs only the blocks its next token can see (the sinks' and the
+        window's): the ones before the window may have been evicted (they leave a running sequence first, so the
+        LRU evicts them first); they become FREED_BLOCK entries, as drop_out_of_window would have made them."""
         assert not seq.block_table and seq.num_computed_tokens == 0
         # Prompt logprobs need the logits of every prompt position, so such requests compute them all.
         if not self.enable_prefix_caching or seq.group.params.prompt_logprobs is not None:
@@ -84,21 +88,60 @@ class BlockManager:
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         self.prefix_queries += seq.num_tokens
+        keys: list[tuple] = []
+        found: list[int | None] = []
         key: tuple | None = None
         for i in range(max_blocks):
             key = (hash(key), tuple(seq.token_ids[i * bs : (i + 1) * bs]))
             block = self.cached.get(key)
-            if block is None:
+            if block is None and self.window is None:
                 break
+            keys.append(key)
+            found.append(block)
+        n, dropped_until = self._longest_hit(found)
+        for i in range(n):
+            block = found[i]
+            if i < dropped_until and i >= self._sink_blocks:
+                seq.block_table.append(FREED_BLOCK)
+                continue
+            assert block is not None
             if self.ref_counts[block] == 0:
                 del self.evictable[block]
             self.ref_counts[block] += 1
             seq.block_table.append(block)
-            seq.block_keys.append(key)
-        hit = len(seq.block_table) * bs
+        seq.block_keys = keys[:n]
+        seq.dropped_until = dropped_until
+        hit = n * bs
         self.prefix_hits += hit
         seq.num_computed_tokens = hit
         return hit
+
+    @property
+    def _sink_blocks(self) -> int:
+        return -(-self.sinks // self.block_size)
+
+    def _first_visible_block(self, num_tokens: int) -> int:
+        """The first block after the sinks that the token at position `num_tokens` still sees."""
+        return max(self._sink_blocks, (num_tokens - self.window + 1) // self.block_size)
+
+    def _longest_hit(self, found: list[int | None]) -> tuple[int, int]:
+        """(blocks of the longest usable prefix, the sequence's dropped_until) for the cached blocks `found` of a
+        prompt's leading blocks (None: not cached)."""
+        if self.window is None:
+            return len(found), 0
+        sink_blocks = min(self._sink_blocks, len(found))
+        if any(found[i] is None for i in range(sink_blocks)):
+            return 0, 0
+        run = 0  # cached blocks ending at block n - 1
+        runs = []
+        for block in found:
+            run = run + 1 if block is not None else 0
+            runs.append(run)
+        for n in range(len(found), 0, -1):
+            lo = min(n, self._first_visible_block(n * self.block_size))
+            if runs[n - 1] >= n - lo:
+                return n, lo if lo > self._sink_blocks else 0
+        return 0, 0
 
     def drop_out_of_window(self, seq: Sequence) -> int:
         """Releases the blocks of `seq` that no token from num_computed_tokens on can attend to (after the sinks and
@@ -110,9 +153,8 @@ class BlockManager:
         it leaves the cache when it is reused. The sequence itself never holds or reads it again."""
         if self.window is None:
             return 0
-        bs = self.block_size
-        end = min((seq.num_computed_tokens - self.window + 1) // bs, len(seq.block_table))
-        start = max(seq.dropped_until, -(-self.sinks // bs))  # first block without a sink token
+        end = min(self._first_visible_block(seq.num_computed_tokens), len(seq.block_table))
+        start = max(seq.dropped_until, self._sink_blocks)  # first block without a sink token
         dropped = 0
         for i in range(start, end):
             block = seq.block_table[i]
