@@ -14,8 +14,8 @@ Writes benchmarks/results/memory_cpu.json and .png.
 
     python benchmarks/bench_memory.py [--rounds 4] [--name memory_cpu] [--before OLD.json LABEL]
 
-`--before` embeds a run of this script made on another checkout (for memory_cpu.*: commit 1afa4bd, run with
-PYTHONPATH pointing at that checkout's src and `--configs default,off`) and plots it dashed.
+`--before` embeds a run of this script made on another checkout (for memory_cpu.*: commit c1a4347, a worktree
+whose copy of this script ran with PYTHONPATH pointing at its src and `--configs default,off`) and plots it dashed.
 """
 from __future__ import annotations
 
