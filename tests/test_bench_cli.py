@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -125,6 +126,15 @@ def test_workload_flag_it_does_not_take_exits_2(capsys):
     assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--workload", "sharegpt",
                  "--input-len", "5"]) == 2
     assert "workload sharegpt does not take --input-len" in capsys.readouterr().err
+
+
+def test_server_that_never_gets_ready_exits_1(capsys):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--workload", "random",
+                 "--num-prompts", "2", "--ready-timeout", "1"]) == 1
+    assert f"http://127.0.0.1:{port}/health not ready after 1 s" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------- workloads

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -169,7 +170,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     text_tok = tokenizer if prompt_format == "text" else None
     specs = load_client.prompts_to_requests(workload.prompts, workload.max_tokens, text_tok)
     if args.ready_timeout > 0:  # a server that is still loading answers 503: wait for it, as vLLM's bench does
-        waited = load_client.wait_for_server(args.base_url, timeout=args.ready_timeout, api_key=api_key)
+        try:
+            waited = load_client.wait_for_server(args.base_url, timeout=args.ready_timeout, api_key=api_key)
+        except TimeoutError as e:
+            print(f"error: {e} (--ready-timeout)", file=sys.stderr)
+            return 1
         if waited > 1.0:
             logger.info("%s ready after %.1f s", args.base_url, waited)
     model = args.model or load_client.served_model_id(args.base_url, api_key)

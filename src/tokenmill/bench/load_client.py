@@ -473,19 +473,23 @@ def wait_for_server(base_url: str, path: str = "/health", timeout: float = 300.0
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + path
     t0 = time.perf_counter()
+    said = False
     while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server process exited with code {proc.returncode} before {url} was ready")
         try:
-            status = httpx.get(url, timeout=5.0, headers=headers).status_code
+            status: int | str = httpx.get(url, timeout=5.0, headers=headers).status_code
             if status == 200:
                 return time.perf_counter() - t0
             if status == 404 and path != "/v1/models":
                 path = "/v1/models"
                 url = base_url.rstrip("/") + path
                 continue
-        except httpx.HTTPError:
-            pass
+        except httpx.HTTPError as e:
+            status = type(e).__name__
+        if not said:  # a mistyped URL waits out the timeout: say what is being waited for
+            logger.info("waiting up to %.0f s for %s to answer 200 (now: %s)", timeout, url, status)
+            said = True
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
         time.sleep(interval)
