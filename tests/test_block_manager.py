@@ -134,25 +134,19 @@ def test_fork_shares_blocks_and_copies_on_write():
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
 
 
-def _evict_all_but(bm: BlockManager, keep: set[int]) -> None:
-    for block in [b for b in bm.evictable if b not in keep]:
-        del bm.evictable[block]
-        del bm.cached[bm.block_key.pop(block)]
-        bm.free_blocks.append(block)
-
-
 def test_window_hit_needs_only_the_visible_blocks():
-    """Window 4, blocks of 2: a 12-token prefix's next token sees blocks 4 and 5 only; the blocks before them may be
-    gone from the cache. A hit attaches 4 and 5 behind FREED_BLOCK entries, as if they had been dropped."""
+    """Window 4, blocks of 2, at most 2 cached blocks nobody uses: blocks 0-3 leave the window first, so the bound
+    evicts them first and keeps 4 and 5, the only ones a 12-token prefix's next token sees. A hit attaches those
+    behind FREED_BLOCK entries, as if the blocks before them had been dropped."""
     from tokenmill.engine.block_manager import FREED_BLOCK
 
-    bm = BlockManager(num_blocks=32, block_size=2, window=4)
+    bm = BlockManager(num_blocks=32, block_size=2, window=4, max_cached_blocks=2)
     a = make_seq(list(range(12)))
     run_prefill(bm, a)
     assert bm.drop_out_of_window(a) == 4  # blocks 0-3 left the window
     kept = set(a.block_table[4:6])
     bm.free(a)
-    _evict_all_but(bm, kept)
+    assert set(bm.evictable) == kept
     b = make_seq(list(range(12)) + [50, 51, 52])
     assert bm.match_prefix(b) == 12
     assert b.block_table[:4] == [FREED_BLOCK] * 4 and set(b.block_table[4:]) == kept
@@ -161,27 +155,30 @@ def test_window_hit_needs_only_the_visible_blocks():
     b.num_computed_tokens = 15
     bm.commit_computed(b)  # the chain of keys goes on from the hit
     assert len(b.block_keys) == 7
-    bm.free(b)
     c = make_seq(list(range(12)) + [50, 51, 52, 53])  # finds the block b added (it needs blocks 5 and 6 now)
     assert bm.match_prefix(c) == 14 and c.block_table[:5] == [FREED_BLOCK] * 5
+    assert c.block_table[5:] == b.block_table[5:7]
     bm.free(c)
-    # a block inside the window missing: the hit stops before it (here: nothing usable)
-    _evict_all_but(bm, set())
+    bm.free(b)
+    # the blocks the next token sees are gone: no hit
+    bm.reset_prefix_cache()
     assert bm.match_prefix(make_seq(list(range(12)) + [60])) == 0
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
 
 
 def test_window_hit_keeps_sink_blocks():
     """With 2 sink tokens (block 0) a hit also needs block 0: evicting it ends the hit, whatever else is cached."""
-    bm = BlockManager(num_blocks=32, block_size=2, window=4, sinks=2)
+    bm = BlockManager(num_blocks=32, block_size=2, window=4, sinks=2, max_cached_blocks=3)
     a = make_seq(list(range(12)))
     run_prefill(bm, a)
     assert bm.drop_out_of_window(a) == 3  # blocks 1-3; block 0 holds the sinks
     sink, visible = a.block_table[0], set(a.block_table[4:6])
-    bm.free(a)
-    _evict_all_but(bm, visible | {sink})
+    bm.free(a)  # releases 5, 4, then the sink block: the bound evicts blocks 1-3, which left first
+    assert set(bm.evictable) == visible | {sink}
     b = make_seq(list(range(12)) + [70])
     assert bm.match_prefix(b) == 12 and b.block_table[0] == sink and b.dropped_until == 4
     bm.free(b)
-    _evict_all_but(bm, visible)
+    bm.evictable.move_to_end(sink, last=False)  # make the sink block the least recently used, and evict it
+    bm._evict_lru()
+    assert set(bm.evictable) == visible
     assert bm.match_prefix(make_seq(list(range(12)) + [71])) == 0

@@ -120,8 +120,9 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.last_step_num_tokens = 0  # tokens computed by the latest step (metrics)
+        # again: a draft model (speculative decoding) may have been loaded since, and KV profiling freed its scratch
         release_gguf_readers()
-        trim_heap()  # loading freed a few hundred MB in pieces that glibc would keep resident
+        trim_heap()
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(
