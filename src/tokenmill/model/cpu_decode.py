@@ -5,8 +5,8 @@ loop costs a fixed ~3 ms of it: per layer eight module calls and nine op dispatc
 cpu_kernels' `decode_layers` runs the same kernels in the same order from C++, so its results are bit-identical to
 the layer loop's (tests/test_cpu_decode.py compares the two). It serves batches of decode rows only (a speculating
 sequence's 1 + k verification rows are decode rows too), on a model whose every layer linear has a few-row CPU
-kernel (amx_linear or small_m_linear) for that many rows and whose KV cache is a plain tensor in the model dtype;
-anything else (prefill chunks, int8 KV, quantised or fp32 weights, CUDA) runs the layer loop. Forward hooks on the
+kernel (amx_linear or small_m_linear) for that many rows and whose KV cache is in the model dtype or int8
+(kv_cache.py); anything else (prefill chunks, quantised or fp32 weights, CUDA) runs the layer loop. Forward hooks on the
 layers' modules do not run for these steps; nothing registers them on a prepared model (AWQ calibration records
 activations before prepare_for_inference).
 """
@@ -17,6 +17,7 @@ from torch import nn
 
 from .layers.attention import AttentionMetadata, paged_attentions
 from .layers.cpu_kernels import cpu_ops
+from .layers.kv_cache import QuantizedKVCache
 from .layers.linear import Linear
 from .layers.norm import RMSNorm
 from .layers.rotary import RopeInputs
@@ -43,8 +44,9 @@ class FusedDecode:
         self.attns = paged_attentions(model)
 
     def accepts(self, num_rows: int, kv_caches: list, meta: AttentionMetadata) -> bool:
-        return (not meta.prefills and num_rows <= self.max_rows and isinstance(kv_caches[0], torch.Tensor)
-                and kv_caches[0].dtype == self.weights[0].dtype)
+        cache = kv_caches[0]
+        return (not meta.prefills and num_rows <= self.max_rows
+                and (isinstance(cache, QuantizedKVCache) or cache.dtype == self.weights[0].dtype))
 
     def __call__(self, h: torch.Tensor, rope: RopeInputs, kv_caches: list[torch.Tensor],
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +54,12 @@ class FusedDecode:
         loop does. The attention windows are read per call (configure_windows may change them)."""
         windows = [-1 if a.window is None else a.window for a in self.attns]
         sinks = [a.sinks for a in self.attns]
+        if isinstance(kv_caches[0], QuantizedKVCache):
+            kv_caches, kv_scales = [c.data for c in kv_caches], [c.scales for c in kv_caches]
+        else:
+            kv_scales = []
         out = self.op(h, rope.positions, rope.cos_table, rope.sin_table, meta.slot_mapping, meta.decode_block_tables,
-                      meta.decode_context_lens, self.weights, self.biases, kv_caches, windows, sinks,
+                      meta.decode_context_lens, self.weights, self.biases, kv_caches, kv_scales, windows, sinks,
                       self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.attns[0].scale)
         return out, h
 

@@ -408,25 +408,50 @@ struct I8Cache {
   inline int64_t slot(int64_t t) const { return table[t >> shift] * bs + (t & mask); }
 };
 
-// scores[t - start] = kscale_t * q.k_t for KV head g over tokens [start, len) (q already holds the softmax scale)
+// Prefetches into L2 the int8 K and V rows (every KV head) of cache slot `sl` and their scales.
+static inline void prefetch_token_i8(const I8Cache& k, const I8Cache& v, int64_t sl, int64_t RD) {
+  for (int64_t off = 0; off < RD; off += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(k.p + sl * RD + off), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(v.p + sl * RD + off), _MM_HINT_T1);
+  }
+  _mm_prefetch(reinterpret_cast<const char*>(k.s + sl * k.Hkv), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(v.s + sl * v.Hkv), _MM_HINT_T1);
+}
+
+// scores[h * npad + t - start] = kscale_t * q_h.k_t for every query head over tokens [start, len) (qf: [Hq x NF]
+// vectors, the softmax scale folded in). As qk_heads: one pass over the K rows, each KV head's row widened to fp32
+// once for its G query heads, 16 tokens per reduction (partial sums in buf [Hq x 16], key scales in ks
+// [Hkv x 16]), and the K and V rows prefetched kPrefetchTokens ahead.
 template <int NF>
-static inline void qk_head_i8(const __m512* qf, const I8Cache& k, int64_t g, int64_t start, int64_t len,
-                              float* scores) {
+static inline void qk_heads_i8(const __m512* qf, const I8Cache& k, const I8Cache& v, int64_t Hq, int64_t start,
+                               int64_t len, float* scores, int64_t npad, __m512* buf, float* ks) {
   constexpr int D = NF * 16;
-  __m512 acc[16];
-  float ks[16];
+  const int64_t Hkv = k.Hkv, G = Hq / Hkv, RD = Hkv * D;
   for (int64_t t0 = start; t0 < len; t0 += 16) {
     const int64_t cnt = std::min<int64_t>(16, len - t0);
     for (int64_t j = 0; j < cnt; ++j) {
-      const int64_t sl = k.slot(t0 + j);
-      const int8_t* row = k.p + (sl * k.Hkv + g) * D;
-      __m512 a = _mm512_setzero_ps();
-      for (int c = 0; c < NF; ++c) a = _mm512_fmadd_ps(qf[c], load_i8x16(row + c * 16), a);
-      acc[j] = a;
-      ks[j] = static_cast<float>(k.s[sl * k.Hkv + g]);
+      const int64_t t = t0 + j;
+      if (t + kPrefetchTokens < len) prefetch_token_i8(k, v, k.slot(t + kPrefetchTokens), RD);
+      const int64_t sl = k.slot(t);
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int8_t* row = k.p + sl * RD + g * D;
+        __m512 kf[NF];
+        for (int c = 0; c < NF; ++c) kf[c] = load_i8x16(row + c * 16);
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+          __m512 a = _mm512_setzero_ps();
+          for (int c = 0; c < NF; ++c) a = _mm512_fmadd_ps(qf[h * NF + c], kf[c], a);
+          buf[h * 16 + j] = a;
+        }
+        ks[g * 16 + j] = static_cast<float>(k.s[sl * Hkv + g]);
+      }
     }
-    for (int64_t j = cnt; j < 16; ++j) { acc[j] = _mm512_setzero_ps(); ks[j] = 0.f; }
-    _mm512_storeu_ps(scores + (t0 - start), _mm512_mul_ps(reduce16(acc), _mm512_loadu_ps(ks)));
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t j = cnt; j < 16; ++j) ks[g * 16 + j] = 0.f;
+    for (int64_t h = 0; h < Hq; ++h) {
+      for (int64_t j = cnt; j < 16; ++j) buf[h * 16 + j] = _mm512_setzero_ps();
+      _mm512_storeu_ps(scores + h * npad + (t0 - start),
+                       _mm512_mul_ps(reduce16(buf + h * 16), _mm512_loadu_ps(ks + (h / G) * 16)));
+    }
   }
 }
 
@@ -448,19 +473,22 @@ static inline __attribute__((always_inline)) void pv_row_i8(__m512 (&acc)[HB][NF
 
 template <typename T, int NF>
 static void decode_seq_i8(const float* q, const I8Cache& k, const I8Cache& v, int64_t Hq, int64_t ns, int64_t start,
-                          int64_t len, float sc, std::vector<float>& scores, T* o) {
+                          int64_t len, float sc, std::vector<float>& scores, std::vector<__m512>& qkbuf, T* o) {
   constexpr int D = NF * 16, HB = 24 / NF > 0 ? 24 / NF : 1;
-  const int64_t Hkv = k.Hkv, G = Hq / Hkv, n = ns + len - start;
+  const int64_t Hkv = k.Hkv, G = Hq / Hkv, n = ns + len - start, RD = Hkv * D;
   const int64_t npad = ((n + 15) & ~int64_t(15)) + (ns ? 16 : 0);  // see decode_seq_bf16
   scores.resize(Hq * npad);
-  for (int64_t h = 0; h < Hq; ++h) {
-    __m512 qf[NF];
-    for (int c = 0; c < NF; ++c) qf[c] = _mm512_mul_ps(_mm512_loadu_ps(q + h * D + c * 16), _mm512_set1_ps(sc));
-    float* sg = scores.data() + h * npad;
-    if (ns) qk_head_i8<NF>(qf, k, h / G, 0, ns, sg);
-    qk_head_i8<NF>(qf, k, h / G, start, len, sg + ns);
-    softmax_padded(sg, n, npad);
-  }
+  // qkbuf: q in fp32 with the scale [Hq x NF], partial sums [Hq x 16], key scales [Hkv x 16]
+  qkbuf.resize(Hq * NF + Hq * 16 + Hkv);
+  __m512* qf = qkbuf.data();
+  for (int64_t i = 0; i < Hq * NF; ++i) qf[i] = _mm512_mul_ps(_mm512_loadu_ps(q + i * 16), _mm512_set1_ps(sc));
+  __m512* buf = qf + Hq * NF;
+  float* ks = reinterpret_cast<float*>(buf + Hq * 16);
+  for (int64_t t = 0; t < ns; ++t) prefetch_token_i8(k, v, k.slot(t), RD);
+  for (int64_t t = start; t < std::min(len, start + kPrefetchTokens); ++t) prefetch_token_i8(k, v, k.slot(t), RD);
+  if (ns) qk_heads_i8<NF>(qf, k, v, Hq, 0, ns, scores.data(), npad, buf, ks);
+  qk_heads_i8<NF>(qf, k, v, Hq, start, len, scores.data() + ns, npad, buf, ks);
+  for (int64_t h = 0; h < Hq; ++h) softmax_padded(scores.data() + h * npad, n, npad);
   for (int64_t g = 0; g < Hkv; ++g) {
     for (int64_t h0 = g * G; h0 < (g + 1) * G; h0 += HB) {
       const int nh = static_cast<int>(std::min<int64_t>(HB, (g + 1) * G - h0));
@@ -470,7 +498,10 @@ static void decode_seq_i8(const float* q, const I8Cache& k, const I8Cache& v, in
       for (int h = 0; h < HB; ++h)
         for (int c = 0; c < NF; ++c) acc[h][c] = _mm512_setzero_ps();
       for (int64_t t = 0; t < ns; ++t) pv_row_i8<NF, HB>(acc, probs, nh, v, g, t, t);
-      for (int64_t t = start; t < len; ++t) pv_row_i8<NF, HB>(acc, probs, nh, v, g, t, ns + t - start);
+      for (int64_t t = start; t < len; ++t) {
+        if (t + 8 < len) _mm_prefetch(reinterpret_cast<const char*>(v.p + (v.slot(t + 8) * Hkv + g) * D), _MM_HINT_T0);
+        pv_row_i8<NF, HB>(acc, probs, nh, v, g, t, ns + t - start);
+      }
       for (int i = 0; i < nh; ++i) {
         float buf[D];
         for (int c = 0; c < NF; ++c) _mm512_storeu_ps(buf + c * 16, acc[i][c]);
@@ -494,6 +525,7 @@ static void decode_i8_avx512(const at::Tensor& q, const I8Cache& kc, const I8Cac
 #pragma omp parallel
   {
     std::vector<float> qf(Hq * D), scores;
+    std::vector<__m512> qkbuf;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t len = lp[b];
@@ -504,10 +536,10 @@ static void decode_i8_avx512(const at::Tensor& q, const I8Cache& kc, const I8Cac
       k.table = v.table = btp + b * maxb;
       T* o = op + b * Hq * D;
       switch (D) {
-        case 32: decode_seq_i8<T, 2>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
-        case 64: decode_seq_i8<T, 4>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
-        case 128: decode_seq_i8<T, 8>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
-        default: decode_seq_i8<T, 16>(qf.data(), k, v, Hq, ns, start, len, sc, scores, o); break;
+        case 32: decode_seq_i8<T, 2>(qf.data(), k, v, Hq, ns, start, len, sc, scores, qkbuf, o); break;
+        case 64: decode_seq_i8<T, 4>(qf.data(), k, v, Hq, ns, start, len, sc, scores, qkbuf, o); break;
+        case 128: decode_seq_i8<T, 8>(qf.data(), k, v, Hq, ns, start, len, sc, scores, qkbuf, o); break;
+        default: decode_seq_i8<T, 16>(qf.data(), k, v, Hq, ns, start, len, sc, scores, qkbuf, o); break;
       }
     }
   }
@@ -1313,7 +1345,8 @@ void rotary_store_int8(at::Tensor& qkv, const at::Tensor& positions, const at::T
 // of llama.py's layer loop, bit for bit, without its ~9 Python-level op dispatches and 8 module calls per layer
 // (batch 1 on SmolLM2: ~3 ms of a ~14 ms step). Linear weights are AMX tiles (amx_pack) or dense for
 // small_m_linear; per layer: weights [in_norm, qkv, o, post_norm, gate_up, down], biases [qkv, o, gate_up, down].
-// kv_caches: one [2, blocks, block_size, Hkv, D] tensor per layer.
+// kv_caches: one [2, blocks, block_size, Hkv, D] tensor per layer; an int8 cache (kv_cache.py) comes with kv_scales,
+// one float16 [2, blocks, block_size, Hkv] tensor per layer (empty for a cache in the model dtype).
 // `residual` comes in as the embeddings and leaves as the residual stream; returns the last layer's MLP output.
 static at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
 #ifdef TOKENMILL_AMX
@@ -1326,13 +1359,15 @@ at::Tensor decode_layers(
     at::Tensor& residual, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& context_lens,
     at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases, at::TensorList kv_caches,
-    at::IntArrayRef windows, at::IntArrayRef sinks, int64_t num_heads, int64_t num_kv_heads,
+    at::TensorList kv_scales, at::IntArrayRef windows, at::IntArrayRef sinks, int64_t num_heads, int64_t num_kv_heads,
     int64_t head_dim, double eps, double scale) {
   const int64_t L = static_cast<int64_t>(kv_caches.size());
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == 6 * L &&
               static_cast<int64_t>(biases.size()) == 4 * L && static_cast<int64_t>(windows.size()) == L &&
               static_cast<int64_t>(sinks.size()) == L,
               "decode_layers: per layer 6 weights, 4 biases, a KV cache, a window and a sink count");
+  const bool int8_kv = !kv_scales.empty();
+  TORCH_CHECK(!int8_kv || static_cast<int64_t>(kv_scales.size()) == L, "decode_layers: KV scales for every layer");
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == block_tables.size(0) &&
               residual.size(0) == context_lens.size(0), "decode_layers: one row per decoding sequence");
   const int64_t T = residual.size(0), qd = num_heads * head_dim;
@@ -1343,9 +1378,16 @@ at::Tensor decode_layers(
     at::Tensor kc = kv_caches[l].select(0, 0), vc = kv_caches[l].select(0, 1);
     x = l == 0 ? rms_norm(residual, w[0], eps) : add_rms_norm(residual, h, w[0], eps);
     at::Tensor qkv = few_rows_linear(x, w[1], bias(0));
-    rotary_store(qkv, positions, cos, sin, kc, vc, slot_mapping, num_heads, num_kv_heads, head_dim);
-    at::Tensor q = qkv.narrow(1, 0, qd).view({T, num_heads, head_dim}).contiguous();
-    at::Tensor o = paged_decode(q, kc, vc, block_tables, context_lens, windows[l], scale, sinks[l]);
+    at::Tensor q = qkv.narrow(1, 0, qd).view({T, num_heads, head_dim});
+    at::Tensor o;
+    if (int8_kv) {
+      at::Tensor ks = kv_scales[l].select(0, 0), vs = kv_scales[l].select(0, 1);
+      rotary_store_int8(qkv, positions, cos, sin, kc, vc, ks, vs, slot_mapping, num_heads, num_kv_heads, head_dim);
+      o = paged_decode_int8(q.contiguous(), kc, vc, ks, vs, block_tables, context_lens, windows[l], scale, sinks[l]);
+    } else {
+      rotary_store(qkv, positions, cos, sin, kc, vc, slot_mapping, num_heads, num_kv_heads, head_dim);
+      o = paged_decode(q.contiguous(), kc, vc, block_tables, context_lens, windows[l], scale, sinks[l]);
+    }
     h = few_rows_linear(o.view({T, qd}), w[2], bias(1));
     x = add_rms_norm(residual, h, w[3], eps);
     h = few_rows_linear(silu_and_mul(few_rows_linear(x, w[4], bias(2))), w[5], bias(3));
@@ -1364,7 +1406,7 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("small_m_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("small_m_linear", c10::DispatchKey::CPU, TORCH_FN(small_m_linear));
-  m.def("decode_layers(Tensor(a!) residual, Tensor positions, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor[] weights, Tensor?[] biases, Tensor(b!)[] kv_caches, int[] windows, int[] sinks, int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> Tensor");
+  m.def("decode_layers(Tensor(a!) residual, Tensor positions, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor[] weights, Tensor?[] biases, Tensor(b!)[] kv_caches, Tensor(c!)[] kv_scales, int[] windows, int[] sinks, int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, TORCH_FN(decode_layers));
 #endif
 #ifdef TOKENMILL_AMX
