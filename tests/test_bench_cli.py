@@ -33,7 +33,7 @@ def test_serve_sweep_against_tokenmill_server(tiny_server, tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "tokenmill.cli", "bench", "serve", "--base-url", server.url, "--tokenizer", model,
          *SMALL_RANDOM, "--range-ratio", "0.5", "--concurrency", "1,2", "--slo-ttft-ms", "60000",
-         "--slo-tpot-ms", "60000", "--result-json", str(out), "--plot", str(png)],
+         "--slo-tpot-ms", "60000", "--slo-e2e-ms", "600000", "--result-json", str(out), "--plot", str(png)],
         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -48,6 +48,7 @@ def test_serve_sweep_against_tokenmill_server(tiny_server, tmp_path):
         assert run["good_requests"] == 4
         assert len(run["requests"]) == 4
     assert data["workload"]["name"] == "random" and data["model"]
+    assert data["config"]["slo_e2e_ms"] == 600000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "out tok/s" in res.stdout  # the sweep table
 

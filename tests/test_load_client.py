@@ -188,6 +188,11 @@ def test_failures_and_goodput(stub_server):
     assert res.good_requests == 3 and res.goodput == pytest.approx(3 / res.duration)
     res = run_benchmark(url, _specs(3, 4), concurrency=4, progress=False, slo_ttft=0.01)
     assert res.completed == 3 and res.good_requests == 0 and res.goodput == 0.0
+    # end-to-end SLO: every given SLO must hold
+    res = run_benchmark(url, _specs(3, 4), concurrency=4, progress=False, slo_ttft=5.0, slo_e2e=60.0)
+    assert res.good_requests == 3 and res.slo == {"ttft": 5.0, "tpot": None, "e2e": 60.0}
+    res = run_benchmark(url, _specs(3, 4), concurrency=4, progress=False, slo_ttft=5.0, slo_e2e=0.01)
+    assert res.good_requests == 0 and "e2e <= 10 ms" in "\n".join(res.summary_lines())
     # nothing listening: every request fails cleanly, no exception
     res = run_benchmark(f"http://127.0.0.1:{_free_port()}", _specs(2, 4), concurrency=2, progress=False)
     assert res.completed == 0 and res.failed == 2 and res.errors

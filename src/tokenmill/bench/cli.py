@@ -195,10 +195,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     slo_ttft = args.slo_ttft_ms / 1000 if args.slo_ttft_ms is not None else None
     slo_tpot = args.slo_tpot_ms / 1000 if args.slo_tpot_ms is not None else None
+    slo_e2e = args.slo_e2e_ms / 1000 if args.slo_e2e_ms is not None else None
     runs = []
     for c in concurrencies:
         res = load_client.run_benchmark(args.base_url, specs, concurrency=c, request_rate=rate, slo_ttft=slo_ttft,
-                                        slo_tpot=slo_tpot, progress=not args.no_progress, seed=args.seed, **opts)
+                                        slo_tpot=slo_tpot, slo_e2e=slo_e2e, progress=not args.no_progress, seed=args.seed, **opts)
         print("\n".join(res.summary_lines(f"{workload.name} -> {args.base_url}")))
         if res.failed:
             print(f"errors: {res.errors[:3]}")
@@ -216,7 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "config": {"concurrency": args.concurrency, "request_rate": "inf" if math.isinf(rate) else rate,
                    "burstiness": args.burstiness, "ignore_eos": not args.no_ignore_eos,
                    "min_tokens": args.min_tokens, "include_usage": not args.no_usage, "extra_body": extra,
-                   "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "warmup": args.warmup},
+                   "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
+                   "slo_e2e_ms": args.slo_e2e_ms, "warmup": args.warmup},
         "machine": basic_machine_info(),
         "runs": [r.to_dict() for r in runs],
     }
@@ -430,6 +432,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier, > 1 smoother")
     s.add_argument("--slo-ttft-ms", type=positive_float, default=None, help="TTFT SLO for goodput (ms)")
     s.add_argument("--slo-tpot-ms", type=positive_float, default=None, help="TPOT SLO for goodput (ms)")
+    s.add_argument("--slo-e2e-ms", type=positive_float, default=None,
+                   help="end-to-end latency SLO for goodput (ms); a good request meets every SLO given")
     s.add_argument("--result-json", default=None, help="write all runs (with per-request results) here")
     s.add_argument("--plot", default=None, help="write a PNG: latency CDFs; for sweeps tok/s and TTFT vs concurrency")
     s.add_argument("--warmup", type=non_negative_int, default=2, help="untimed 16-token random requests first (default 2)")

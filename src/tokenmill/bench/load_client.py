@@ -308,6 +308,7 @@ async def arun_benchmark(
     timeout: float = 600.0,
     slo_ttft: float | None = None,
     slo_tpot: float | None = None,
+    slo_e2e: float | None = None,
     progress: bool = True,
     seed: int = 0,
     use_response_cache: bool = False,
@@ -318,7 +319,8 @@ async def arun_benchmark(
     arrivals per second (inf: all at once). ``ignore_eos`` sends the non-standard field that
     tokenmill and vLLM honour; ``min_tokens`` asks for ``min_tokens = max_tokens`` (llama-cpp-python).
     ``tokenizer`` (HF tokenizer or ``text -> ids`` callable) counts output tokens when the server does
-    not report usage in the stream. ``slo_ttft`` / ``slo_tpot`` in seconds define goodput.
+    not report usage in the stream. ``slo_ttft`` / ``slo_tpot`` / ``slo_e2e`` in seconds define goodput: a good
+    request meets every SLO given.
     Requests carry ``Cache-Control: no-store`` so that a server's response cache cannot answer repeated greedy
     prompts, unless ``use_response_cache``.
     """
@@ -377,13 +379,13 @@ async def arun_benchmark(
         pbar.close()
     return summarize(results, duration, base_url=base_url, endpoint=endpoint, model=model,
                      concurrency=concurrency, request_rate=request_rate, burstiness=burstiness,
-                     slo_ttft=slo_ttft, slo_tpot=slo_tpot)
+                     slo_ttft=slo_ttft, slo_tpot=slo_tpot, slo_e2e=slo_e2e)
 
 
 def summarize(results: list[RequestResult], duration: float, *, base_url: str = "", endpoint: str = COMPLETIONS,
               model: str | None = None, concurrency: int | None = None, request_rate: float = math.inf,
               burstiness: float = 1.0, slo_ttft: float | None = None,
-              slo_tpot: float | None = None) -> BenchmarkResult:
+              slo_tpot: float | None = None, slo_e2e: float | None = None) -> BenchmarkResult:
     """Aggregate per-request results of a run that took ``duration`` seconds."""
     ok = [r for r in results if r.success]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -393,6 +395,8 @@ def summarize(results: list[RequestResult], duration: float, *, base_url: str = 
         if slo_ttft is not None and (r.ttft is None or r.ttft > slo_ttft):
             return False
         if slo_tpot is not None and r.tpot is not None and r.tpot > slo_tpot:
+            return False
+        if slo_e2e is not None and (r.e2e is None or r.e2e > slo_e2e):
             return False
         return True
 
@@ -422,7 +426,7 @@ def summarize(results: list[RequestResult], duration: float, *, base_url: str = 
         tpot=stats([r.tpot for r in ok if r.tpot is not None]),
         itl=stats([x for r in ok for x in r.itl]),
         e2e=stats([r.e2e for r in ok if r.e2e is not None]),
-        slo={"ttft": slo_ttft, "tpot": slo_tpot},
+        slo={"ttft": slo_ttft, "tpot": slo_tpot, "e2e": slo_e2e},
         good_requests=len(good_reqs),
         goodput=len(good_reqs) / d,
         goodput_output_throughput=sum(r.output_tokens for r in good_reqs) / d,
