@@ -1,6 +1,6 @@
 """The fused CPU decode path (model/cpu_decode.py) gives the layer loop's results bit for bit: logits of decode
-batches of every size it takes, with GQA, MQA plus a sliding window, QKV bias, StreamingLLM windows with sinks and
-int8 KV caches; and whole greedy generations in the engine."""
+batches of every size it takes, with GQA, MQA plus a sliding window, QKV bias, StreamingLLM windows with sinks,
+int8 KV caches and int8 weights; and whole greedy generations in the engine."""
 from __future__ import annotations
 
 import random
@@ -43,23 +43,29 @@ def _cache_tensors(caches: list) -> list[torch.Tensor]:
     return [t for c in caches for t in ((c.data, c.scales) if isinstance(c, QuantizedKVCache) else (c,))]
 
 
-@pytest.mark.parametrize("arch,kv_window,amx,kv_dtype", [
-    ("llama", None, True, "auto"), ("mistral", None, True, "auto"), ("qwen2", None, True, "auto"),
-    ("llama", 6, True, "auto"),
-    ("qwen2", None, False, "auto"),  # small_m_linear's dense weights, as on CPUs without AMX
-    ("qwen2", None, True, "int8"), ("llama", 6, True, "int8"), ("llama", None, False, "int8"),
+@pytest.mark.parametrize("arch,kv_window,amx,kv_dtype,weights", [
+    ("llama", None, True, "auto", None), ("mistral", None, True, "auto", None), ("qwen2", None, True, "auto", None),
+    ("llama", 6, True, "auto", None),
+    ("qwen2", None, False, "auto", None),  # small_m_linear's dense weights, as on CPUs without AMX
+    ("qwen2", None, True, "int8", None), ("llama", 6, True, "int8", None), ("llama", None, False, "int8", None),
+    ("qwen2", None, False, "auto", "int8"), ("llama", 6, False, "int8", "int8"),  # int8 weights: int8_linear
 ])
-def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, monkeypatch, arch, kv_window, amx, kv_dtype):
+def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, monkeypatch, arch, kv_window, amx, kv_dtype,
+                                              weights):
     if amx and not amx_linear_available():
         pytest.skip("no AMX-BF16 on this CPU (the small_m_linear case covers the fused path)")
     if not amx:
         monkeypatch.setattr(linear, "amx_linear_available", lambda: False)
     llm = LLM(tiny_model_factory(arch), dtype="bfloat16", block_size=4, kv_window=kv_window, kv_sinks=2,
-              kv_cache_dtype=kv_dtype)
+              kv_cache_dtype=kv_dtype, quantization=weights)
     model, caches = llm.engine.model, llm.engine.runner.kv_caches
     fused = model.fused_decode
     assert fused is not None
-    assert all(w.dim() == (4 if amx else 2) for w in fused.weights[1::6])  # the kernel each case means to test
+    # the kernel each case means to test
+    if weights == "int8":
+        assert all(w.dtype == torch.int8 for w in fused.weights[1::6]) and all(s is not None for s in fused.scales)
+    else:
+        assert all(w.dim() == (4 if amx else 2) for w in fused.weights[1::6])
     if kv_window is not None:
         assert any(a.sinks == 2 and a.window == kv_window for a in fused.attns)
     for t in _cache_tensors(caches):  # a filled cache: every context token has keys and values
@@ -97,6 +103,7 @@ def test_fused_decode_declines_what_it_does_not_run(tiny_model_factory):
     assert not fused.accepts(1, caches, with_prefill)
     # no fused path for models it cannot serve
     assert LLM(tiny_model_factory("llama"), dtype="float32").engine.model.fused_decode is None
+    assert LLM(tiny_model_factory("llama"), dtype="bfloat16", quantization="int4").engine.model.fused_decode is None
     fp32_kv = [c.float() for c in caches]  # a cache in another dtype than the weights'
     assert not fused.accepts(2, fp32_kv, meta)
 

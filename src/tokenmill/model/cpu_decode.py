@@ -5,10 +5,10 @@ loop costs a fixed ~3 ms of it: per layer eight module calls and nine op dispatc
 cpu_kernels' `decode_layers` runs the same kernels in the same order from C++, so its results are bit-identical to
 the layer loop's (tests/test_cpu_decode.py compares the two). It serves batches of decode rows only (a speculating
 sequence's 1 + k verification rows are decode rows too), on a model whose every layer linear has a few-row CPU
-kernel (amx_linear or small_m_linear) for that many rows and whose KV cache is in the model dtype or int8
-(kv_cache.py); anything else (prefill chunks, quantised or fp32 weights, CUDA) runs the layer loop. Forward hooks on the
-layers' modules do not run for these steps; nothing registers them on a prepared model (AWQ calibration records
-activations before prepare_for_inference).
+kernel for that many rows (bf16 weights: amx_linear or small_m_linear; int8 weights: int8_linear) and whose KV
+cache is in the model dtype or int8 (kv_cache.py); anything else (prefill chunks, int4 or fp32 weights, CUDA) runs
+the layer loop. Forward hooks on the layers' modules do not run for these steps; nothing registers them on a
+prepared model (AWQ calibration records activations before prepare_for_inference).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .layers.cpu_kernels import cpu_ops
 from .layers.kv_cache import QuantizedKVCache
 from .layers.linear import Linear
 from .layers.norm import RMSNorm
+from .layers.quant_linear import INT8_KERNEL_MAX_ROWS, QuantLinear
 from .layers.rotary import RopeInputs
 
 
@@ -33,20 +34,23 @@ class FusedDecode:
         self.eps = model.layers[0].input_layernorm.eps
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor | None] = []
+        self.scales: list[torch.Tensor | None] = []  # int8 weights' per-channel scales
         rows = []
         for layer in model.layers:
-            (in_norm, post_norm), (qkv, o, gate_up, down) = _layer_parts(layer)
-            self.weights += [in_norm.weight, _kernel_weight(qkv), _kernel_weight(o), post_norm.weight,
-                             _kernel_weight(gate_up), _kernel_weight(down)]
-            self.biases += [qkv.bias, o.bias, gate_up.bias, down.bias]
-            rows += [qkv.small_m_rows, o.small_m_rows, gate_up.small_m_rows, down.small_m_rows]
+            (in_norm, post_norm), linears = _layer_parts(layer)
+            qkv, o, gate_up, down = (_kernel_weight(m) for m in linears)
+            self.weights += [in_norm.weight, qkv, o, post_norm.weight, gate_up, down]
+            self.biases += [m.bias for m in linears]
+            self.scales += [m.scales if isinstance(m, QuantLinear) else None for m in linears]
+            rows += [INT8_KERNEL_MAX_ROWS if isinstance(m, QuantLinear) else m.small_m_rows for m in linears]
         self.max_rows = min(rows)
+        self.dtype = in_norm.weight.dtype
         self.attns = paged_attentions(model)
 
     def accepts(self, num_rows: int, kv_caches: list, meta: AttentionMetadata) -> bool:
         cache = kv_caches[0]
         return (not meta.prefills and num_rows <= self.max_rows
-                and (isinstance(cache, QuantizedKVCache) or cache.dtype == self.weights[0].dtype))
+                and (isinstance(cache, QuantizedKVCache) or cache.dtype == self.dtype))
 
     def __call__(self, h: torch.Tensor, rope: RopeInputs, kv_caches: list[torch.Tensor],
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +63,7 @@ class FusedDecode:
         else:
             kv_scales = []
         out = self.op(h, rope.positions, rope.cos_table, rope.sin_table, meta.slot_mapping, meta.decode_block_tables,
-                      meta.decode_context_lens, self.weights, self.biases, kv_caches, kv_scales, windows, sinks,
+                      meta.decode_context_lens, self.weights, self.biases, self.scales, kv_caches, kv_scales, windows, sinks,
                       self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.attns[0].scale)
         return out, h
 
@@ -71,8 +75,18 @@ def _layer_parts(layer: nn.Module) -> tuple[tuple[nn.Module, nn.Module], tuple[n
             (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
 
 
-def _kernel_weight(m: Linear) -> torch.Tensor:
+def _kernel_weight(m: Linear | QuantLinear) -> torch.Tensor:
+    if isinstance(m, QuantLinear):
+        return m.qweight
     return m.tiled_weight if m.tiled_weight is not None else m.weight
+
+
+def _has_few_rows_kernel(m: nn.Module) -> bool:
+    """A bf16 linear with amx_linear or small_m_linear, or an int8 one with int8_linear."""
+    if type(m) is Linear:
+        return m.small_m is not None
+    return (type(m) is QuantLinear and m.method == "int8" and m.dtype == torch.bfloat16
+            and m._int8_kernel is not None)
 
 
 def fused_decode_for(model: nn.Module) -> FusedDecode | None:
@@ -87,6 +101,6 @@ def fused_decode_for(model: nn.Module) -> FusedDecode | None:
     # one eps and one dtype for every norm (the kernel takes one eps); a few-row kernel for every projection
     if not all(type(n) is RMSNorm for n in norms) or len({(n.eps, n.weight.dtype) for n in norms}) != 1:
         return None
-    if not all(type(m) is Linear and m.small_m is not None for m in linears):
+    if not all(_has_few_rows_kernel(m) for m in linears):
         return None
     return FusedDecode(model, ops)

@@ -6,6 +6,7 @@ element-wise steps of a decoder layer.
   blocks, fp32 accumulation, OpenMP over the batch. Optional sliding window plus attention sinks (the first
   `sinks` tokens stay visible). paged_decode_int8 reads an int8 cache with one float16 scale per token per KV head
   and dequantises rows as it reads them.
+* int8_linear (AVX512-BF16): weight-only int8 linear for 1-16 rows (per-channel scales).
 * amx_linear (CPUs with AMX-BF16): x @ W.T for 1-256 rows from weights re-laid out into AMX tiles (amx_pack); on a
   2-core Xeon (~31 GB/s read bandwidth) it streams the weights at ~22 GB/s for 1-16 rows, where oneDNN's bf16 GEMM
   reaches 13-17 GB/s.
@@ -768,6 +769,86 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::o
   }
   return out;
 }
+
+// ---------------------------------------------------------------------------------- int8 weight-only linear
+// y = x @ (q * s)^T (+ b) for decode-sized row counts: streams the int8 rows, widens 32 at a time to bf16 (exact:
+// |q| <= 127) and multiplies with AVX512-BF16 dot products against up to four activation rows per pass, fp32
+// accumulation, the per-channel scale applied once per output. PyTorch's `_weight_int8pack_mm` converts every
+// weight to float on the way and on a 2-core machine runs no faster than bf16 weights at one row (4x slower at 16).
+static inline __m512bh widen_int8x32(const int8_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // elements 0..15 from lo, 16..31 from hi
+}
+
+// rows [m0, m0 + M) of y = x @ (q * s)^T (+ b)
+template <int M>
+static void int8_rows(const at::BFloat16* xp, int64_t xs, const int8_t* qp, const float* sp, const float* bp,
+                      at::BFloat16* op, int64_t os, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    const int64_t NC = K / 32;
+    std::vector<__m512bh> xv(M * NC);
+    for (int m = 0; m < M; ++m)
+      for (int64_t c = 0; c < NC; ++c) std::memcpy(&xv[m * NC + c], xp + m * xs + c * 32, 64);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* row = qp + n * K;
+      _mm_prefetch(reinterpret_cast<const char*>(row) + 2 * K, _MM_HINT_T0);
+      __m512 a0[M], a1[M];
+      for (int m = 0; m < M; ++m) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+      int64_t c = 0;
+      for (; c + 2 <= NC; c += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + c * 32) + 512, _MM_HINT_T0);
+        const __m512bh w0 = widen_int8x32(row + c * 32);
+        const __m512bh w1 = widen_int8x32(row + c * 32 + 32);
+        for (int m = 0; m < M; ++m) {
+          a0[m] = _mm512_dpbf16_ps(a0[m], xv[m * NC + c], w0);
+          a1[m] = _mm512_dpbf16_ps(a1[m], xv[m * NC + c + 1], w1);
+        }
+      }
+      if (c < NC) {
+        const __m512bh w0 = widen_int8x32(row + c * 32);
+        for (int m = 0; m < M; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], xv[m * NC + c], w0);
+      }
+      const float s = sp[n], b = bp ? bp[n] : 0.f;
+      for (int m = 0; m < M; ++m) {
+        const float v = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m])) * s + b;
+        uint32_t u; std::memcpy(&u, &v, 4); u += 0x7FFFu + ((u >> 16) & 1u);
+        op[m * os + n].x = static_cast<uint16_t>(u >> 16);
+      }
+    }
+  });
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: x [M, K], q [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && q.scalar_type() == at::kChar &&
+              q.is_contiguous() && x.size(1) % 32 == 0, "int8_linear: bf16 x, contiguous int8 q, K % 32 == 0");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == q.size(0),
+              "int8_linear: float32 scales [N]");
+  at::Tensor b;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) { b = bias->to(at::kFloat).contiguous(); bp = b.data_ptr<float>(); }
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto out = at::empty({M, N}, x.options());
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int64_t xs = x.stride(0);
+    const at::BFloat16* xm = xp + m0 * xs;
+    at::BFloat16* om = op + m0 * N;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: int8_rows<1>(xm, xs, qp, sp, bp, om, N, N, K); break;
+      case 2: int8_rows<2>(xm, xs, qp, sp, bp, om, N, N, K); break;
+      case 3: int8_rows<3>(xm, xs, qp, sp, bp, om, N, N, K); break;
+      default: int8_rows<4>(xm, xs, qp, sp, bp, om, N, N, K); break;
+    }
+  }
+  return out;
+}
 #endif
 
 #if defined(TOKENMILL_AVX512_BF16) && defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
@@ -1344,11 +1425,14 @@ void rotary_store_int8(at::Tensor& qkv, const at::Tensor& positions, const at::T
 // Every decoder layer of a Llama-family model over a decode-only batch, in one call: the kernels above in the order
 // of llama.py's layer loop, bit for bit, without its ~9 Python-level op dispatches and 8 module calls per layer
 // (batch 1 on SmolLM2: ~3 ms of a ~14 ms step). Linear weights are AMX tiles (amx_pack) or dense for
-// small_m_linear; per layer: weights [in_norm, qkv, o, post_norm, gate_up, down], biases [qkv, o, gate_up, down].
+// small_m_linear, or int8 rows for int8_linear with their scales; per layer: weights [in_norm, qkv, o, post_norm,
+// gate_up, down], biases and scales [qkv, o, gate_up, down] (scales undefined for bf16 weights).
 // kv_caches: one [2, blocks, block_size, Hkv, D] tensor per layer; an int8 cache (kv_cache.py) comes with kv_scales,
 // one float16 [2, blocks, block_size, Hkv] tensor per layer (empty for a cache in the model dtype).
 // `residual` comes in as the embeddings and leaves as the residual stream; returns the last layer's MLP output.
-static at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+static at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                                  const c10::optional<at::Tensor>& scale) {
+  if (scale.has_value() && scale->defined()) return int8_linear(x, w, *scale, b);
 #ifdef TOKENMILL_AMX
   if (w.dim() == 4) return amx_linear(x, w, b, false);
 #endif
@@ -1358,14 +1442,16 @@ static at::Tensor few_rows_linear(const at::Tensor& x, const at::Tensor& w, cons
 at::Tensor decode_layers(
     at::Tensor& residual, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& context_lens,
-    at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases, at::TensorList kv_caches,
+    at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
+    const c10::List<c10::optional<at::Tensor>>& scales, at::TensorList kv_caches,
     at::TensorList kv_scales, at::IntArrayRef windows, at::IntArrayRef sinks, int64_t num_heads, int64_t num_kv_heads,
     int64_t head_dim, double eps, double scale) {
   const int64_t L = static_cast<int64_t>(kv_caches.size());
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(weights.size()) == 6 * L &&
-              static_cast<int64_t>(biases.size()) == 4 * L && static_cast<int64_t>(windows.size()) == L &&
+              static_cast<int64_t>(biases.size()) == 4 * L && static_cast<int64_t>(scales.size()) == 4 * L &&
+              static_cast<int64_t>(windows.size()) == L &&
               static_cast<int64_t>(sinks.size()) == L,
-              "decode_layers: per layer 6 weights, 4 biases, a KV cache, a window and a sink count");
+              "decode_layers: per layer 6 weights, 4 biases, 4 scales, a KV cache, a window and a sink count");
   const bool int8_kv = !kv_scales.empty();
   TORCH_CHECK(!int8_kv || static_cast<int64_t>(kv_scales.size()) == L, "decode_layers: KV scales for every layer");
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == block_tables.size(0) &&
@@ -1375,9 +1461,10 @@ at::Tensor decode_layers(
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + 6 * l;
     auto bias = [&](int i) { return biases.get(4 * l + i); };
+    auto wscale = [&](int i) { return scales.get(4 * l + i); };
     at::Tensor kc = kv_caches[l].select(0, 0), vc = kv_caches[l].select(0, 1);
     x = l == 0 ? rms_norm(residual, w[0], eps) : add_rms_norm(residual, h, w[0], eps);
-    at::Tensor qkv = few_rows_linear(x, w[1], bias(0));
+    at::Tensor qkv = few_rows_linear(x, w[1], bias(0), wscale(0));
     at::Tensor q = qkv.narrow(1, 0, qd).view({T, num_heads, head_dim});
     at::Tensor o;
     if (int8_kv) {
@@ -1388,9 +1475,9 @@ at::Tensor decode_layers(
       rotary_store(qkv, positions, cos, sin, kc, vc, slot_mapping, num_heads, num_kv_heads, head_dim);
       o = paged_decode(q.contiguous(), kc, vc, block_tables, context_lens, windows[l], scale, sinks[l]);
     }
-    h = few_rows_linear(o.view({T, qd}), w[2], bias(1));
+    h = few_rows_linear(o.view({T, qd}), w[2], bias(1), wscale(1));
     x = add_rms_norm(residual, h, w[3], eps);
-    h = few_rows_linear(silu_and_mul(few_rows_linear(x, w[4], bias(2))), w[5], bias(3));
+    h = few_rows_linear(silu_and_mul(few_rows_linear(x, w[4], bias(2), wscale(2))), w[5], bias(3), wscale(3));
   }
   return h;
 }
@@ -1406,7 +1493,9 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
   m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("small_m_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("small_m_linear", c10::DispatchKey::CPU, TORCH_FN(small_m_linear));
-  m.def("decode_layers(Tensor(a!) residual, Tensor positions, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor[] weights, Tensor?[] biases, Tensor(b!)[] kv_caches, Tensor(c!)[] kv_scales, int[] windows, int[] sinks, int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
+  m.def("decode_layers(Tensor(a!) residual, Tensor positions, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor[] weights, Tensor?[] biases, Tensor?[] scales, Tensor(b!)[] kv_caches, Tensor(c!)[] kv_scales, int[] windows, int[] sinks, int num_heads, int num_kv_heads, int head_dim, float eps, float scale) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, TORCH_FN(decode_layers));
 #endif
 #ifdef TOKENMILL_AMX

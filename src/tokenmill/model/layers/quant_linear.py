@@ -1,7 +1,8 @@
 """Weight-only quantised linear and embedding layers (formats in tokenmill.quant.weights).
 
 Kernels, chosen per call:
-* int8 on CPU: up to `INT8_KERNEL_MAX_ROWS` rows through the streaming AVX512-BF16 kernel (quant_kernels.py);
+* int8 on CPU: up to `INT8_KERNEL_MAX_ROWS` rows through the streaming AVX512-BF16 kernel (cpu_kernels.py's
+  int8_linear);
   more rows (prefill) dequantise the weight to the activation dtype and use the dense matmul, which at that size
   is compute-bound anyway. Without the kernel: `torch._weight_int8pack_mm`.
 * int4 on CPU: `torch._weight_int4pack_mm_for_cpu` on the weight re-packed once by
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...quant.weights import QuantizedWeight, check_group_size, unpack_int4
-from .quant_kernels import quant_ops
+from .cpu_kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ class QuantLinear(nn.Module):
                 f"{self.method} weights have no kernel on device {device!r} (supported: {', '.join(KERNEL_DEVICES)}); "
                 "load the model unquantised there"
             )
-        ops = quant_ops() if device == "cpu" and self.method == "int8" and self.in_features % 32 == 0 else None
-        self._int8_kernel = None if ops is None else ops.int8_linear
+        ops = cpu_ops() if device == "cpu" and self.method == "int8" and self.in_features % 32 == 0 else None
+        self._int8_kernel = getattr(ops, "int8_linear", None)
         if self.method == "int4" and device == "cpu" and self.out_features % 16 == 0:
             q = unpack_int4(self.qweight).to(torch.int32)
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
