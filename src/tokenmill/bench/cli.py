@@ -199,7 +199,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runs = []
     for c in concurrencies:
         res = load_client.run_benchmark(args.base_url, specs, concurrency=c, request_rate=rate, slo_ttft=slo_ttft,
-                                        slo_tpot=slo_tpot, slo_e2e=slo_e2e, progress=not args.no_progress, seed=args.seed, **opts)
+                                        slo_tpot=slo_tpot, slo_e2e=slo_e2e, progress=not args.no_progress,
+                                        seed=args.seed, **opts)
         print("\n".join(res.summary_lines(f"{workload.name} -> {args.base_url}")))
         if res.failed:
             print(f"errors: {res.errors[:3]}")

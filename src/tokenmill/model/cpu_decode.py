@@ -32,6 +32,7 @@ class FusedDecode:
         self.op = ops.decode_layers
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = model.layers[0].input_layernorm.eps
+        self.dtype = model.layers[0].input_layernorm.weight.dtype  # the model dtype (one for every norm)
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor | None] = []
         self.scales: list[torch.Tensor | None] = []  # int8 weights' per-channel scales
@@ -44,7 +45,6 @@ class FusedDecode:
             self.scales += [m.scales if isinstance(m, QuantLinear) else None for m in linears]
             rows += [INT8_KERNEL_MAX_ROWS if isinstance(m, QuantLinear) else m.small_m_rows for m in linears]
         self.max_rows = min(rows)
-        self.dtype = in_norm.weight.dtype
         self.attns = paged_attentions(model)
 
     def accepts(self, num_rows: int, kv_caches: list, meta: AttentionMetadata) -> bool:
@@ -63,8 +63,8 @@ class FusedDecode:
         else:
             kv_scales = []
         out = self.op(h, rope.positions, rope.cos_table, rope.sin_table, meta.slot_mapping, meta.decode_block_tables,
-                      meta.decode_context_lens, self.weights, self.biases, self.scales, kv_caches, kv_scales, windows, sinks,
-                      self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.attns[0].scale)
+                      meta.decode_context_lens, self.weights, self.biases, self.scales, kv_caches, kv_scales, windows,
+                      sinks, self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.attns[0].scale)
         return out, h
 
 
