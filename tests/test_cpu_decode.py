@@ -10,7 +10,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.model_runner import batch_metadata
-from tokenmill.model.layers import linear
+from tokenmill.model.layers import linear, quant_linear
 from tokenmill.model.layers.kv_cache import QuantizedKVCache
 from tokenmill.model.layers.cpu_kernels import cpu_ops
 from tokenmill.model.layers.linear import amx_linear_available, onednn_bf16_available
@@ -48,7 +48,8 @@ def _cache_tensors(caches: list) -> list[torch.Tensor]:
     ("llama", 6, True, "auto", None),
     ("qwen2", None, False, "auto", None),  # small_m_linear's dense weights, as on CPUs without AMX
     ("qwen2", None, True, "int8", None), ("llama", 6, True, "int8", None), ("llama", None, False, "int8", None),
-    ("qwen2", None, False, "auto", "int8"), ("llama", 6, False, "int8", "int8"),  # int8 weights: int8_linear
+    # int8 weights: int8_linear's streaming kernel, and (with AMX) its AMX tiles for 3+ rows
+    ("qwen2", None, False, "auto", "int8"), ("llama", 6, False, "int8", "int8"), ("qwen2", None, True, "auto", "int8"),
 ])
 def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, monkeypatch, arch, kv_window, amx, kv_dtype,
                                               weights):
@@ -56,6 +57,7 @@ def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, monkeypatch, a
         pytest.skip("no AMX-BF16 on this CPU (the small_m_linear case covers the fused path)")
     if not amx:
         monkeypatch.setattr(linear, "amx_linear_available", lambda: False)
+        monkeypatch.setattr(quant_linear, "amx_linear_available", lambda: False)
     llm = LLM(tiny_model_factory(arch), dtype="bfloat16", block_size=4, kv_window=kv_window, kv_sinks=2,
               kv_cache_dtype=kv_dtype, quantization=weights)
     model, caches = llm.engine.model, llm.engine.runner.kv_caches

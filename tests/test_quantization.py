@@ -97,11 +97,32 @@ def test_int8_kernel_used_and_fallbacks_agree(monkeypatch):
     y_kernel = layer(x).float()
     layer._int8_kernel = None
     y_torch = layer(x).float()
-    monkeypatch.setattr("tokenmill.model.layers.quant_linear.INT8_KERNEL_MAX_ROWS", 0)
+    layer.int8_max_rows = 0
     y_dense = layer(x).float()
     scale = y_dense.abs().max().item()
     assert (y_kernel - y_dense).abs().max().item() < 0.01 * scale
     assert (y_torch - y_dense).abs().max().item() < 0.01 * scale
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 17, 70])
+def test_int8_kernel_every_row_count(rows):
+    """int8_linear against the dequantised weight, with a bias: the streaming kernel (1-2 rows, or up to 16 without
+    AMX) and AMX tiles (3+ rows where the CPU has them)."""
+    w = _weight(n=96, k=192)
+    bias = torch.randn(96).to(torch.bfloat16)
+    layer = QuantLinear.from_quantized(quantize_int8(w), bias, torch.bfloat16)
+    layer.prepare()
+    if layer._int8_kernel is None:
+        pytest.skip("no AVX512-BF16 on this CPU: the int8 kernel is not built")
+    if rows > layer.int8_max_rows:
+        pytest.skip("no AMX on this CPU: the kernel takes at most 16 rows")
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 192).to(torch.bfloat16)
+    y = layer(x).float()
+    ref = x.float() @ layer.dequantized_weight(torch.float32).t() + bias.float()
+    torch.testing.assert_close(y, ref, atol=0.02 * ref.abs().max().item(), rtol=0.01)
+    if rows >= 3 and layer.int8_max_rows > 16:  # AMX: a row's result does not depend on the rows beside it
+        assert torch.equal(layer(x[:3]).float(), y[:3])
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])

@@ -18,9 +18,9 @@ from torch import nn
 from .layers.attention import AttentionMetadata, paged_attentions
 from .layers.cpu_kernels import cpu_ops
 from .layers.kv_cache import QuantizedKVCache
-from .layers.linear import Linear
+from .layers.linear import AMX_ROWS, Linear
 from .layers.norm import RMSNorm
-from .layers.quant_linear import INT8_KERNEL_MAX_ROWS, QuantLinear
+from .layers.quant_linear import QuantLinear
 from .layers.rotary import RopeInputs
 
 
@@ -43,7 +43,8 @@ class FusedDecode:
             self.weights += [in_norm.weight, qkv, o, post_norm.weight, gate_up, down]
             self.biases += [m.bias for m in linears]
             self.scales += [m.scales if isinstance(m, QuantLinear) else None for m in linears]
-            rows += [INT8_KERNEL_MAX_ROWS if isinstance(m, QuantLinear) else m.small_m_rows for m in linears]
+            rows += [min(m.int8_max_rows, AMX_ROWS) if isinstance(m, QuantLinear) else m.small_m_rows
+                     for m in linears]
         self.max_rows = min(rows)
         self.attns = paged_attentions(model)
 

@@ -820,22 +820,20 @@ static void int8_rows(const at::BFloat16* xp, int64_t xs, const int8_t* qp, cons
   });
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& bias) {
+static void check_int8_linear_args(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: x [M, K], q [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && q.scalar_type() == at::kChar &&
               q.is_contiguous() && x.size(1) % 32 == 0, "int8_linear: bf16 x, contiguous int8 q, K % 32 == 0");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == q.size(0),
               "int8_linear: float32 scales [N]");
-  at::Tensor b;
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) { b = bias->to(at::kFloat).contiguous(); bp = b.data_ptr<float>(); }
+}
+
+static at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& q, const float* sp, const float* bp) {
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto out = at::empty({M, N}, x.options());
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const int64_t xs = x.stride(0);
     const at::BFloat16* xm = xp + m0 * xs;
@@ -979,6 +977,85 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wt, const c10::opti
           default: amx_group<1>(a, K * 2, b, KB, cbuf); break;
         }
         emit(cbuf, mc * 16, std::min<int64_t>(16, M - mc * 16), t, g);
+      }
+    }
+    _tile_release();
+  });
+  return out;
+}
+
+// Weight-only int8 on AMX for q int8 [N, K] in its row-major (portable) layout, so no second copy: amx_linear's
+// roles swap. The A tiles are weight rows widened to bf16 (16 outputs x 32 k, exact), the B tiles are x packed as
+// amx_pack packs a weight (16 rows per tile), and the C tiles hold y^T (16 outputs x 16 rows). Each group of up to
+// four 16-output blocks is widened once into a per-thread buffer and serves every 16-row chunk of x, so the widening
+// (the cost: ~5 instructions per 32 weights) is paid once per call however many rows there are.
+template <int G>
+static inline void amx_int8_group(const uint16_t* w, int64_t KB, const uint16_t* xt, float* cbuf) {
+  _tile_zero(0); if (G > 1) _tile_zero(1); if (G > 2) _tile_zero(2); if (G > 3) _tile_zero(3);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    _tile_loadd(5, xt + kb * 512, 64);
+    _tile_loadd(4, w + kb * 512, 64); _tile_dpbf16ps(0, 4, 5);
+    if (G > 1) { _tile_loadd(6, w + (KB + kb) * 512, 64); _tile_dpbf16ps(1, 6, 5); }
+    if (G > 2) { _tile_loadd(4, w + (2 * KB + kb) * 512, 64); _tile_dpbf16ps(2, 4, 5); }
+    if (G > 3) { _tile_loadd(6, w + (3 * KB + kb) * 512, 64); _tile_dpbf16ps(3, 6, 5); }
+  }
+  _tile_stored(0, cbuf, 64);
+  if (G > 1) _tile_stored(1, cbuf + 256, 64);
+  if (G > 2) _tile_stored(2, cbuf + 512, 64);
+  if (G > 3) _tile_stored(3, cbuf + 768, 64);
+}
+
+static at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& q, const float* sp, const float* bp) {
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), KB = K / 32, NT = N / 16, MC = (M + 15) / 16;
+  // x as B tiles [MC][KB]: tile row p holds, for rows m = 0..15 of the chunk, the pair x[m][kb*32+2p..+1]
+  std::vector<uint32_t> xt(MC * KB * 256, 0);
+  const uint32_t* xs = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
+  const int64_t xstride = x.stride(0) / 2;  // in pairs
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      uint32_t* tile = xt.data() + ((m / 16) * KB + kb) * 256 + (m % 16);
+      const uint32_t* row = xs + m * xstride + kb * 16;
+      for (int64_t p = 0; p < 16; ++p) tile[p * 16] = row[p];
+    }
+  auto out = at::empty({M, N}, x.options());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xt.data());
+  at::parallel_for(0, NT, 4, [&](int64_t t0, int64_t t1) {
+    TileConfig cfg;
+    for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+    _tile_loadconfig(&cfg);
+    alignas(64) float cbuf[4 * 256];
+    thread_local std::vector<uint16_t> wbuf;
+    for (int64_t t = t0; t < t1; t += 4) {
+      const int g = static_cast<int>(std::min<int64_t>(4, t1 - t));
+      wbuf.resize(g * KB * 512);
+      for (int j = 0; j < g; ++j)
+        for (int64_t kb = 0; kb < KB; ++kb)
+          for (int64_t r = 0; r < 16; ++r) {
+            const __m512bh v = widen_int8x32(qp + ((t + j) * 16 + r) * K + kb * 32);
+            std::memcpy(wbuf.data() + (j * KB + kb) * 512 + r * 32, &v, 64);
+          }
+      for (int64_t mc = 0; mc < MC; ++mc) {
+        const uint16_t* xc = xb + mc * KB * 512;
+        switch (g) {
+          case 4: amx_int8_group<4>(wbuf.data(), KB, xc, cbuf); break;
+          case 3: amx_int8_group<3>(wbuf.data(), KB, xc, cbuf); break;
+          case 2: amx_int8_group<2>(wbuf.data(), KB, xc, cbuf); break;
+          default: amx_int8_group<1>(wbuf.data(), KB, xc, cbuf); break;
+        }
+        const int64_t rows = std::min<int64_t>(16, M - mc * 16);
+        for (int j = 0; j < g; ++j) {
+          const int64_t n0 = (t + j) * 16;
+          for (int64_t r = 0; r < rows; ++r) {
+            uint16_t* o = op + (mc * 16 + r) * N + n0;
+            for (int64_t n = 0; n < 16; ++n) {  // cbuf: [output n][row r]
+              const float v = cbuf[j * 256 + n * 16 + r] * sp[n0 + n] + (bp ? bp[n0 + n] : 0.f);
+              uint32_t u; std::memcpy(&u, &v, 4); u += 0x7FFFu + ((u >> 16) & 1u);
+              o[n] = static_cast<uint16_t>(u >> 16);
+            }
+          }
+        }
       }
     }
     _tile_release();
@@ -1159,6 +1236,23 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 }
 #endif
 
+
+#ifdef TOKENMILL_AVX512_BF16
+// y = x @ (q * scales)^T (+ bias) for int8 weights q [N, K] (one float32 scale per output): AMX tiles for more
+// than two rows where the CPU has them (the widening is paid once per call), else the streaming kernel.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  check_int8_linear_args(x, q, scales);
+  at::Tensor b;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) { b = bias->to(at::kFloat).contiguous(); bp = b.data_ptr<float>(); }
+  const float* sp = scales.data_ptr<float>();
+#ifdef TOKENMILL_AMX
+  if (x.size(0) > 2 && q.size(0) % 16 == 0 && amx_permitted()) return amx_int8_linear(x, q, sp, bp);
+#endif
+  return int8_rows_linear(x, q, sp, bp);
+}
+#endif
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t window,

@@ -1,8 +1,8 @@
 """Weight-only quantised linear and embedding layers (formats in tokenmill.quant.weights).
 
 Kernels, chosen per call:
-* int8 on CPU: up to `INT8_KERNEL_MAX_ROWS` rows through the streaming AVX512-BF16 kernel (cpu_kernels.py's
-  int8_linear);
+* int8 on CPU: cpu_kernels.py's int8_linear: on a CPU with AMX any number of rows (the weight rows widened to bf16
+  once per call, then AMX tiles), else up to `INT8_KERNEL_MAX_ROWS` rows through a streaming AVX512-BF16 kernel;
   more rows (prefill) dequantise the weight to the activation dtype and use the dense matmul, which at that size
   is compute-bound anyway. Without the kernel: `torch._weight_int8pack_mm`.
 * int4 on CPU: `torch._weight_int4pack_mm_for_cpu` on the weight re-packed once by
@@ -14,6 +14,7 @@ The state dict always holds the portable format, so a checkpoint saved on one ma
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import nn
 
 from ...quant.weights import QuantizedWeight, check_group_size, unpack_int4
 from .cpu_kernels import cpu_ops
+from .linear import amx_linear_available
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
-        self._int8_kernel = None  # the streaming CPU kernel, set by prepare()
+        self._int8_kernel = None  # cpu_kernels' int8_linear, set by prepare()
+        self.int8_max_rows = INT8_KERNEL_MAX_ROWS  # the most rows it takes
         self._packed: torch.Tensor | None = None  # int4: the CPU kernel's layout
         self._scales_zeros: torch.Tensor | None = None
 
@@ -102,6 +105,9 @@ class QuantLinear(nn.Module):
             )
         ops = cpu_ops() if device == "cpu" and self.method == "int8" and self.in_features % 32 == 0 else None
         self._int8_kernel = getattr(ops, "int8_linear", None)
+        # with AMX the kernel takes every row count (it widens the weight once per call, whatever the rows)
+        amx = self._int8_kernel is not None and amx_linear_available() and self.out_features % 16 == 0
+        self.int8_max_rows = sys.maxsize if amx else INT8_KERNEL_MAX_ROWS
         if self.method == "int4" and device == "cpu" and self.out_features % 16 == 0:
             q = unpack_int4(self.qweight).to(torch.int32)
             self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -118,7 +124,7 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if x.device.type == "cpu":
-            if self.method == "int8" and m <= INT8_KERNEL_MAX_ROWS:
+            if self.method == "int8" and m <= self.int8_max_rows:
                 if self._int8_kernel is not None and x.dtype == torch.bfloat16:
                     return self._int8_kernel(x, self.qweight, self.scales, self.bias)
                 y = torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
