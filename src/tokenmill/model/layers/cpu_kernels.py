@@ -6,7 +6,8 @@ element-wise steps of a decoder layer.
   blocks, fp32 accumulation, OpenMP over the batch. Optional sliding window plus attention sinks (the first
   `sinks` tokens stay visible). paged_decode_int8 reads an int8 cache with one float16 scale per token per KV head
   and dequantises rows as it reads them.
-* int8_linear (AVX512-BF16): weight-only int8 linear for 1-16 rows (per-channel scales).
+* int8_linear (AVX512-BF16): weight-only int8 linear (per-channel scales): a streaming kernel for 1-16 rows, and on
+  CPUs with AMX, AMX tiles over weight rows widened once per call for 3 rows and more.
 * amx_linear (CPUs with AMX-BF16): x @ W.T for 1-256 rows from weights re-laid out into AMX tiles (amx_pack); on a
   2-core Xeon (~31 GB/s read bandwidth) it streams the weights at ~22 GB/s for 1-16 rows, where oneDNN's bf16 GEMM
   reaches 13-17 GB/s.
