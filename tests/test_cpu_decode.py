@@ -48,7 +48,7 @@ def _cache_tensors(caches: list) -> list[torch.Tensor]:
     ("llama", 6, True, "auto", None),
     ("qwen2", None, False, "auto", None),  # small_m_linear's dense weights, as on CPUs without AMX
     ("qwen2", None, True, "int8", None), ("llama", 6, True, "int8", None), ("llama", None, False, "int8", None),
-    # int8 weights: int8_linear's streaming kernel, and (with AMX) its AMX tiles for 3+ rows
+    # int8 weights: int8_linear's streaming kernel, and (with AMX) its AMX tiles for 17+ rows
     ("qwen2", None, False, "auto", "int8"), ("llama", 6, False, "int8", "int8"), ("qwen2", None, True, "auto", "int8"),
 ])
 def test_fused_decode_logits_equal_layer_loop(tiny_model_factory, monkeypatch, arch, kv_window, amx, kv_dtype,

@@ -7,7 +7,7 @@ element-wise steps of a decoder layer.
   `sinks` tokens stay visible). paged_decode_int8 reads an int8 cache with one float16 scale per token per KV head
   and dequantises rows as it reads them.
 * int8_linear (AVX512-BF16): weight-only int8 linear (per-channel scales): a streaming kernel for 1-16 rows, and on
-  CPUs with AMX, AMX tiles over weight rows widened once per call for 3 rows and more.
+  CPUs with AMX, AMX tiles over weight rows widened once per call for more rows.
 * amx_linear (CPUs with AMX-BF16): x @ W.T for 1-256 rows from weights re-laid out into AMX tiles (amx_pack); on a
   2-core Xeon (~31 GB/s read bandwidth) it streams the weights at ~22 GB/s for 1-16 rows, where oneDNN's bf16 GEMM
   reaches 13-17 GB/s.
@@ -1239,8 +1239,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 
 
 #ifdef TOKENMILL_AVX512_BF16
-// y = x @ (q * scales)^T (+ bias) for int8 weights q [N, K] (one float32 scale per output): AMX tiles for more
-// than two rows where the CPU has them (the widening is paid once per call), else the streaming kernel.
+// y = x @ (q * scales)^T (+ bias) for int8 weights q [N, K] (one float32 scale per output): the streaming kernel
+// for up to 16 rows, AMX tiles for more where the CPU has them (the widening is paid once per call). Every row count
+// up to 16 computes a row the same way, so speculative verification rows reproduce plain decoding bit for bit.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& bias) {
   check_int8_linear_args(x, q, scales);
@@ -1249,7 +1250,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   if (bias.has_value() && bias->defined()) { b = bias->to(at::kFloat).contiguous(); bp = b.data_ptr<float>(); }
   const float* sp = scales.data_ptr<float>();
 #ifdef TOKENMILL_AMX
-  if (x.size(0) > 2 && q.size(0) % 16 == 0 && amx_permitted()) return amx_int8_linear(x, q, sp, bp);
+  if (x.size(0) > 16 && q.size(0) % 16 == 0 && amx_permitted()) return amx_int8_linear(x, q, sp, bp);
 #endif
   return int8_rows_linear(x, q, sp, bp);
 }

@@ -1,8 +1,9 @@
 """Weight-only quantised linear and embedding layers (formats in tokenmill.quant.weights).
 
 Kernels, chosen per call:
-* int8 on CPU: cpu_kernels.py's int8_linear: on a CPU with AMX any number of rows (the weight rows widened to bf16
-  once per call, then AMX tiles), else up to `INT8_KERNEL_MAX_ROWS` rows through a streaming AVX512-BF16 kernel;
+* int8 on CPU: cpu_kernels.py's int8_linear: up to `INT8_KERNEL_MAX_ROWS` rows through a streaming AVX512-BF16
+  kernel, and on a CPU with AMX any number of rows beyond (the weight rows widened to bf16 once per call, then AMX
+  tiles);
   more rows (prefill) dequantise the weight to the activation dtype and use the dense matmul, which at that size
   is compute-bound anyway. Without the kernel: `torch._weight_int8pack_mm`.
 * int4 on CPU: `torch._weight_int4pack_mm_for_cpu` on the weight re-packed once by
