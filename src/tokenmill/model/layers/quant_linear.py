@@ -125,11 +125,12 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if x.device.type == "cpu":
-            if self.method == "int8" and m <= self.int8_max_rows:
-                if self._int8_kernel is not None and x.dtype == torch.bfloat16:
+            if self.method == "int8":
+                if self._int8_kernel is not None and x.dtype == torch.bfloat16 and m <= self.int8_max_rows:
                     return self._int8_kernel(x, self.qweight, self.scales, self.bias)
-                y = torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
-                return y if self.bias is None else y + self.bias
+                if m <= INT8_KERNEL_MAX_ROWS:
+                    y = torch._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+                    return y if self.bias is None else y + self.bias
             if self.method == "int4" and m <= INT4_KERNEL_MAX_ROWS and self._packed is not None:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x.to(self.dtype), self._packed, self.group_size, self._scales_zeros
