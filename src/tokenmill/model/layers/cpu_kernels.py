@@ -813,9 +813,7 @@ static void int8_rows(const at::BFloat16* xp, int64_t xs, const int8_t* qp, cons
       }
       const float s = sp[n], b = bp ? bp[n] : 0.f;
       for (int m = 0; m < M; ++m) {
-        const float v = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m])) * s + b;
-        uint32_t u; std::memcpy(&u, &v, 4); u += 0x7FFFu + ((u >> 16) & 1u);
-        op[m * os + n].x = static_cast<uint16_t>(u >> 16);
+        op[m * os + n] = from_f<at::BFloat16>(_mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m])) * s + b);
       }
     }
   });
@@ -1019,7 +1017,7 @@ static at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& q, cons
       for (int64_t p = 0; p < 16; ++p) tile[p * 16] = row[p];
     }
   auto out = at::empty({M, N}, x.options());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(xt.data());
   at::parallel_for(0, NT, 4, [&](int64_t t0, int64_t t1) {
@@ -1049,12 +1047,9 @@ static at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& q, cons
         for (int j = 0; j < g; ++j) {
           const int64_t n0 = (t + j) * 16;
           for (int64_t r = 0; r < rows; ++r) {
-            uint16_t* o = op + (mc * 16 + r) * N + n0;
-            for (int64_t n = 0; n < 16; ++n) {  // cbuf: [output n][row r]
-              const float v = cbuf[j * 256 + n * 16 + r] * sp[n0 + n] + (bp ? bp[n0 + n] : 0.f);
-              uint32_t u; std::memcpy(&u, &v, 4); u += 0x7FFFu + ((u >> 16) & 1u);
-              o[n] = static_cast<uint16_t>(u >> 16);
-            }
+            at::BFloat16* o = op + (mc * 16 + r) * N + n0;
+            for (int64_t n = 0; n < 16; ++n)  // cbuf: [output n][row r]
+              o[n] = from_f<at::BFloat16>(cbuf[j * 256 + n * 16 + r] * sp[n0 + n] + (bp ? bp[n0 + n] : 0.f));
           }
         }
       }

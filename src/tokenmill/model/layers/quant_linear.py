@@ -3,9 +3,8 @@
 Kernels, chosen per call:
 * int8 on CPU: cpu_kernels.py's int8_linear: up to `INT8_KERNEL_MAX_ROWS` rows through a streaming AVX512-BF16
   kernel, and on a CPU with AMX any number of rows beyond (the weight rows widened to bf16 once per call, then AMX
-  tiles);
-  more rows (prefill) dequantise the weight to the activation dtype and use the dense matmul, which at that size
-  is compute-bound anyway. Without the kernel: `torch._weight_int8pack_mm`.
+  tiles). Without AMX more rows dequantise the weight to the activation dtype and use the dense matmul; without
+  the kernel, up to `INT8_KERNEL_MAX_ROWS` rows take `torch._weight_int8pack_mm`.
 * int4 on CPU: `torch._weight_int4pack_mm_for_cpu` on the weight re-packed once by
   `_convert_weight_to_int4pack_for_cpu`; more than `INT4_KERNEL_MAX_ROWS` rows dequantise as above.
 * elsewhere (CUDA included): dequantise and matmul. Correct but not faster than bf16; no fused GPU kernel has
